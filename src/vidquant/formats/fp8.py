@@ -1,0 +1,70 @@
+"""FP8 (OCP OFP8 E4M3 / E5M2) elements under one FP32 scale per row.
+
+docs/formats.md § Baselines: the elements are OCP FP8, rounded to nearest even and saturated (448 for
+E4M3, 57344 for E5M2). A row is one output channel of a weight ``W[N, K]`` quantized along K (dim=-1),
+or one token of an activation; its scale is ``amax_row / max_elem`` in fp32 and decoding gives
+``code_value * scale``. A row whose scale is 0 (all zeros, or an amax so small that the division
+underflows) gets scale 1.0, which leaves its values to round to +-0. Inf/NaN input raises ValueError.
+
+Packing (flat uint8, rows one after another): the row's K element bytes (the standard OCP FP8 bytes,
+bit 7 = sign), then its fp32 scale as 4 little-endian bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import Format, check_finite_scale
+from .elements import E4M3, E5M2, ElementGrid, div_scalar
+from .packing import bytes_float, float_bytes, pack_blocks, unpack_blocks
+from .registry import register
+
+SCALE_BYTES = 4
+
+
+@dataclass(frozen=True)
+class FP8Format(Format):
+    """OCP FP8 `grid` elements with a per-row fp32 scale."""
+
+    grid: ElementGrid = E4M3
+
+    def _encode_rows(self, rows: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        v = rows.float()
+        amax = v.abs().amax(dim=-1, keepdim=True)
+        check_finite_scale(amax, self.name)
+        scale = div_scalar(amax, self.grid.max_value)
+        scale = torch.where(scale > 0, scale, 1.0)
+        return self.grid.quantize(v / scale), {"scale": scale}
+
+    def _decode_rows(self, codes: Tensor, meta: dict[str, Tensor], k: int) -> Tensor:
+        return self.grid.value(codes) * meta["scale"]
+
+    def _pack_rows(self, codes: Tensor, meta: dict[str, Tensor]) -> Tensor:
+        return pack_blocks(codes.unsqueeze(1), float_bytes(meta["scale"]))
+
+    def _unpack_rows(self, data: Tensor, n_rows: int, k: int) -> tuple[Tensor, dict[str, Tensor]]:
+        codes, scale = unpack_blocks(data, n_rows, 1, k, SCALE_BYTES)
+        return codes.reshape(n_rows, k), {"scale": bytes_float(scale, torch.float32).reshape(n_rows, 1)}
+
+    def packed_nbytes(self, n_rows: int, k: int) -> int:
+        return n_rows * (k + SCALE_BYTES)
+
+
+def _fp8(name: str, grid: ElementGrid) -> FP8Format:
+    return FP8Format(
+        name=name,
+        description=f"OCP FP8 {grid.name} with one FP32 scale per channel (per token for activations)",
+        bits_per_value=8.0,
+        block_size=None,
+        element=grid.name,
+        scale="FP32 per channel",
+        max_value=float(torch.finfo(torch.float32).max),
+        grid=grid,
+    )
+
+
+FP8_E4M3 = register(_fp8("fp8_e4m3", E4M3))
+FP8_E5M2 = register(_fp8("fp8_e5m2", E5M2))

@@ -1,0 +1,128 @@
+"""Symmetric integer grids (INT8 / INT4), per channel or per group of 64, for reference runs.
+
+docs/formats.md § Baselines: ``scale = amax / qmax`` (qmax 127 or 7) in fp32 and
+``q = RNE(x / scale)`` clamped to [-qmax, qmax]; decoding gives exactly ``q * scale``. Per-channel
+scales (one per row: an output channel of ``W[N, K]`` along K, or a token) stay fp32. Group scales are
+stored as fp16 and that rounded fp16 scale is the one quantization divides by, so decoding stays
+exact. A scale of 0 (an all-zero group, or one whose scale underflows) is stored as 0 and its codes are
+0. Inf/NaN input, or a group amax past the fp16 scale's range, raises ValueError.
+
+Packing (flat uint8, rows one after another, each row's groups in order, the tail group zero-padded):
+per group, the element bytes (INT8: one two's-complement byte each; INT4: a 4-bit two's-complement
+nibble each, two per byte, low nibble = even element, an odd last one paired with 0), then the scale
+(per channel: the row's K elements then 4 bytes of fp32; per 64: 64 or 32 element bytes then 2 bytes of
+fp16; little-endian).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import Format, check_finite_scale, pad_rows
+from .elements import div_scalar
+from .packing import bytes_float, float_bytes, pack_blocks, pack_elements, unpack_blocks, unpack_elements
+from .registry import register
+
+GROUP = 64
+
+
+@dataclass(frozen=True)
+class IntFormat(Format):
+    """Symmetric ``bits``-bit integers; one fp32 scale per row (block_size None) or fp16 per group."""
+
+    bits: int = 8
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        return torch.float32 if self.block_size is None else torch.float16
+
+    def _groups(self, rows: Tensor) -> Tensor:
+        """fp32 ``(R, groups, group_len)``: the whole row is one group when there is no block size."""
+        if self.block_size is None:
+            return rows.float().unsqueeze(1)
+        return pad_rows(rows.float(), self.block_size).reshape(rows.shape[0], -1, self.block_size)
+
+    def _scale(self, amax: Tensor) -> Tensor:
+        """``amax / qmax`` in fp32, stored as fp16 for groups: the stored value is the one divided by."""
+        check_finite_scale(amax, self.name)
+        scale = div_scalar(amax, float(self.qmax)).to(self.scale_dtype)
+        if not bool(torch.isfinite(scale).all()):
+            raise ValueError(f"{self.name}: a group amax of {amax.max().item():g} overflows the fp16 scale "
+                             f"(largest encodable magnitude {self.max_value:g})")
+        return scale
+
+    def _encode_rows(self, rows: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        groups = self._groups(rows)
+        scale = self._scale(groups.abs().amax(dim=-1))
+        s = scale.float().unsqueeze(-1)
+        nonzero = s > 0
+        q = torch.round(groups / torch.where(nonzero, s, 1.0)).clamp(-self.qmax, self.qmax)
+        q = torch.where(nonzero, q, 0.0).to(torch.int32)
+        codes = (q & ((1 << self.bits) - 1)).to(torch.uint8)
+        return codes.reshape(rows.shape[0], -1), {"scale": scale}
+
+    def _decode_rows(self, codes: Tensor, meta: dict[str, Tensor], k: int) -> Tensor:
+        scale = meta["scale"]
+        half = 1 << (self.bits - 1)
+        q = ((codes.to(torch.int32) ^ half) - half).float().reshape(*scale.shape, -1)
+        return (q * scale.float().unsqueeze(-1)).reshape(codes.shape[0], -1)[:, :k]
+
+    def _pack_rows(self, codes: Tensor, meta: dict[str, Tensor]) -> Tensor:
+        scale = meta["scale"]
+        elements = pack_elements(codes.reshape(*scale.shape, -1), self.bits)
+        return pack_blocks(elements, float_bytes(scale))
+
+    def _unpack_rows(self, data: Tensor, n_rows: int, k: int) -> tuple[Tensor, dict[str, Tensor]]:
+        n_groups, group_len = self._layout(k)
+        scale_bytes = torch.finfo(self.scale_dtype).bits // 8
+        elements, scale = unpack_blocks(data, n_rows, n_groups, self._element_bytes(group_len), scale_bytes)
+        codes = unpack_elements(elements, self.bits)[..., :group_len].reshape(n_rows, -1)
+        return codes, {"scale": bytes_float(scale, self.scale_dtype)}
+
+    def packed_nbytes(self, n_rows: int, k: int) -> int:
+        n_groups, group_len = self._layout(k)
+        scale_bytes = torch.finfo(self.scale_dtype).bits // 8
+        return n_rows * n_groups * (self._element_bytes(group_len) + scale_bytes)
+
+    def _layout(self, k: int) -> tuple[int, int]:
+        """(groups per row, values per group)."""
+        if self.block_size is None:
+            return 1, k
+        return self.padded(k) // self.block_size, self.block_size
+
+    def _element_bytes(self, group_len: int) -> int:
+        return -(-group_len * self.bits // 8)
+
+
+def _int(bits: int, group: int | None) -> IntFormat:
+    if group is None:
+        name, scale, bits_per_value = f"int{bits}", "FP32 per channel", float(bits)
+        max_value = float(torch.finfo(torch.float32).max)
+        scope = "channel (per token for activations)"
+    else:
+        name, scale, bits_per_value = f"int{bits}_g{group}", f"FP16 per {group}", bits + 16 / group
+        max_value = ((1 << (bits - 1)) - 1) * torch.finfo(torch.float16).max
+        scope = f"group of {group}"
+    return IntFormat(
+        name=name,
+        description=f"symmetric INT{bits}, RNE, one {scale.split()[0]} scale per {scope}",
+        bits_per_value=bits_per_value,
+        block_size=group,
+        element=f"INT{bits}",
+        scale=scale,
+        max_value=max_value,
+        bits=bits,
+    )
+
+
+INT8 = register(_int(8, None))
+INT4 = register(_int(4, None))
+INT8_G64 = register(_int(8, GROUP))
+INT4_G64 = register(_int(4, GROUP))

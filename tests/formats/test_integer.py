@@ -1,0 +1,206 @@
+"""Symmetric INT8/INT4 (per channel and per 64) against a numpy oracle, plus properties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from vidquant import formats
+
+NAMES = ["int8", "int4", "int8_g64", "int4_g64"]
+GROUPED = ["int8_g64", "int4_g64"]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
+f32 = np.float32
+
+
+def assert_bits_equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Bit-for-bit equality, except that any NaN matches any NaN."""
+    assert a.shape == b.shape and a.dtype == b.dtype
+    nan = torch.isnan(a)
+    assert torch.equal(nan, torch.isnan(b))
+    ia, ib = a.view(INT_VIEW[a.dtype]), b.view(INT_VIEW[b.dtype])
+    assert torch.equal(ia[~nan], ib[~nan]), f"{int((ia != ib).sum())} values differ"
+
+
+def int_oracle(x: torch.Tensor, name: str) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """docs/formats.md INT steps in numpy: (codes, scales, quantize-dequantize)."""
+    fmt = formats.get(name)
+    bits, group = int(fmt.element[3:]), fmt.block_size
+    qmax = 2 ** (bits - 1) - 1
+    rows = x.float().numpy()
+    k = rows.shape[-1]
+    width = k if group is None else -(-k // group) * group
+    padded = np.zeros((rows.shape[0], width), f32)
+    padded[:, :k] = rows
+    groups = padded.reshape(rows.shape[0], -1, width if group is None else group)
+    scale = (np.abs(groups).max(-1) / f32(qmax)).astype(f32 if group is None else np.float16)
+    s = scale.astype(f32)[..., None]
+    q = np.where(s > 0, np.clip(np.round(groups / np.where(s > 0, s, f32(1))), -qmax, qmax), f32(0))
+    q = q + f32(0)  # an integer code has no -0
+    codes = (q.astype(np.int32) & (2**bits - 1)).astype(np.uint8).reshape(padded.shape)
+    out = (q * s).astype(f32).reshape(padded.shape)[:, :k]
+    return codes, scale, torch.from_numpy(np.ascontiguousarray(out)).to(x.dtype)
+
+
+# ---- hand-worked rows ------------------------------------------------------------------------------
+def test_int8_row() -> None:
+    """amax 127 -> scale 1: 63.5 -> 64 and 62.5 -> 62 (ties to even), -0.5 -> 0, -1.5 -> -2."""
+    fmt = formats.get("int8")
+    enc = fmt.encode(torch.tensor([[127.0, 63.5, 62.5, -0.5, -1.5, 0.2]]))
+    assert enc.meta["scale"].tolist() == [[1.0]]
+    assert enc.codes.tolist() == [[0x7F, 0x40, 0x3E, 0x00, 0xFE, 0x00]]
+    assert fmt.decode(enc).tolist() == [[127.0, 64.0, 62.0, 0.0, -2.0, 0.0]]
+    assert fmt.pack(enc).tolist() == [0x7F, 0x40, 0x3E, 0x00, 0xFE, 0x00, 0, 0, 0x80, 0x3F]
+
+
+def test_int4_row_with_odd_length() -> None:
+    fmt = formats.get("int4")
+    enc = fmt.encode(torch.tensor([[7.0, 2.5, 3.5, -7.0, -0.5, 1.5, 5.0]]))
+    assert enc.codes.tolist() == [[0x7, 0x2, 0x4, 0x9, 0x0, 0x2, 0x5]]
+    assert fmt.decode(enc).tolist() == [[7.0, 2.0, 4.0, -7.0, 0.0, 2.0, 5.0]]
+    data = fmt.pack(enc)
+    assert data.tolist() == [0x27, 0x94, 0x20, 0x05, 0, 0, 0x80, 0x3F] and fmt.packed_nbytes(1, 7) == 8
+
+
+def test_groups_divide_by_the_rounded_fp16_scale() -> None:
+    """A value exactly at a tie of x / fp16(scale) but not of x / fp32(scale) rounds as the fp16 one says."""
+    fmt = formats.get("int8_g64")
+    s32 = torch.tensor(1.0) / torch.tensor(127.0)
+    s16 = s32.half().float()
+    half_way = 2.5 if s16 > s32 else 3.5  # fp32 scale would give 3 either way
+    x = torch.zeros(1, 64)
+    x[0, 0], x[0, 1] = 1.0, half_way * s16
+    enc = fmt.encode(x)
+    assert enc.meta["scale"].dtype == torch.float16 and enc.meta["scale"].float().item() == s16.item()
+    assert enc.codes[0, 1].item() == round(half_way)
+    assert fmt.decode(enc)[0, 1].item() == round(half_way) * s16.item()
+    scale_bits = enc.meta["scale"].view(torch.int16).item()
+    assert fmt.pack(enc)[64:66].tolist() == list(scale_bits.to_bytes(2, "little"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_and_underflowing_groups(name: str) -> None:
+    fmt = formats.get(name)
+    x = torch.zeros(2, 70)
+    x[1] = -3 * 2.0**-149 if fmt.block_size is None else -1e-10  # amax / qmax rounds to 0 (fp32, fp16)
+    enc = fmt.encode(x)
+    assert enc.meta["scale"].eq(0).all() and enc.codes.eq(0).all()
+    assert fmt.decode(enc).eq(0).all()
+
+
+@pytest.mark.parametrize(("name", "big"), [("int8_g64", 1e7), ("int4_g64", 5e5)])
+def test_fp16_scale_overflow_is_an_error(name: str, big: float) -> None:
+    x = torch.ones(2, 64)
+    x[1, 7] = big
+    with pytest.raises(ValueError, match=f"{name}.*fp16"):
+        formats.get(name).encode(x)
+    assert torch.isfinite(formats.get(name[:4]).quantize_dequantize(x)).all()  # fp32 per-channel scales cope
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_is_an_error(name: str, bad: float) -> None:
+    x = torch.ones(2, 64)
+    x[1, 0] = bad
+    with pytest.raises(ValueError, match=name):
+        formats.get(name).encode(x)
+
+
+# ---- against the numpy oracle ----------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_the_oracle(name: str, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(8)
+    lo, hi = (-12, 10) if dtype == torch.float16 or name in GROUPED else (-60, 60)
+    x = torch.randn(64, 100, generator=g) * torch.exp2(torch.randint(lo, hi, (64, 1), generator=g).float())
+    x = x.to(dtype)
+    x[4] = 0
+    codes, scale, expected = int_oracle(x, name)
+    fmt = formats.get(name)
+    enc = fmt.encode(x)
+    assert np.array_equal(enc.codes.numpy(), codes) and np.array_equal(enc.meta["scale"].numpy(), scale)
+    assert_bits_equal(fmt.quantize_dequantize(x), expected)
+
+
+# ---- properties ------------------------------------------------------------------------------------
+@st.composite
+def wide(draw: st.DrawFn, name: str) -> torch.Tensor:
+    dtype = draw(st.sampled_from(DTYPES))
+    limit = 60000.0 if dtype == torch.float16 else 4e5 if name in GROUPED else float(f32(1e38))
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 140)))
+    return torch.from_numpy(draw(arrays(f32, shape, elements=st.floats(-limit, limit, width=32)))).to(dtype)
+
+
+@st.composite
+def tame(draw: st.DrawFn, name: str) -> torch.Tensor:
+    """Values 0 or +-[1, 256) times one power of two that keeps fp16 group scales normal and finite."""
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 140)))
+    magnitude = st.one_of(st.just(0.0), st.floats(1, 256, exclude_max=True, width=32))
+    sign = draw(arrays(f32, shape, elements=st.sampled_from([-1.0, 1.0])))
+    values = draw(arrays(f32, shape, elements=magnitude)) * sign
+    lo, hi = (-6, 6) if dtype == torch.float16 else (-6, 10) if name in GROUPED else (-60, 60)
+    return torch.from_numpy(values * f32(2.0 ** draw(st.integers(lo, hi)))).to(dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), name=st.sampled_from(NAMES))
+def test_codes_round_trip(data: st.DataObject, name: str) -> None:
+    fmt = formats.get(name)
+    x = data.draw(wide(name))
+    enc = fmt.encode(x)
+    y = fmt.quantize_dequantize(x)
+    assert_bits_equal(fmt.decode(enc), y)
+    assert torch.equal(fmt.quantize_dequantize(-x), -y)  # by value: integer grids have no -0
+    packed = fmt.pack(enc)
+    assert packed.numel() == fmt.packed_nbytes(*x.shape)
+    back = fmt.unpack(packed, tuple(x.shape), -1, x.dtype)
+    assert torch.equal(back.codes, enc.codes) and torch.equal(back.meta["scale"], enc.meta["scale"])
+    assert back.meta["scale"].dtype == enc.meta["scale"].dtype
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), name=st.sampled_from(NAMES))
+def test_grid_error_and_idempotence(data: st.DataObject, name: str) -> None:
+    """Per-channel fp32 scales may move an ulp on re-encoding fp32 input, so there the codes are compared."""
+    fmt = formats.get(name)
+    x = data.draw(tame(name))
+    qmax = 2 ** (int(fmt.element[3:]) - 1) - 1
+    enc = fmt.encode(x)
+    y = fmt.decode(enc)
+    k = x.shape[-1]
+    group = fmt.block_size or k
+    s = enc.meta["scale"].float().repeat_interleave(group, dim=-1)[:, :k]
+    q = torch.round(torch.where(s > 0, y.float() / s, 0.0))
+    assert q.abs().max() <= qmax
+    assert_bits_equal((q * s).to(y.dtype), y)
+    padded = torch.nn.functional.pad(x.float().abs(), (0, -k % group))
+    amax = padded.reshape(x.shape[0], -1, group).amax(-1).repeat_interleave(group, dim=-1)[:, :k]
+    bound = amax * (0.5 / qmax) * (1 + 2.0**-10) + EPS[x.dtype] * y.float().abs()
+    assert ((y.float() - x.float()).abs() <= bound).all()
+    assert torch.equal(fmt.encode(y).codes, enc.codes)
+    if x.dtype != torch.float32 or name in GROUPED:
+        assert_bits_equal(fmt.quantize_dequantize(y), y)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_other_dims_and_padding(name: str) -> None:
+    fmt = formats.get(name)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 29, 5, generator=g).to(torch.bfloat16)
+    for dim in (0, 1, -1):
+        expected = fmt.quantize_dequantize(x.movedim(dim, -1).contiguous()).movedim(-1, dim)
+        assert_bits_equal(fmt.quantize_dequantize(x, dim=dim), expected)
+        enc = fmt.encode(x, dim=dim)
+        back = fmt.unpack(fmt.pack(enc), x.shape, dim, x.dtype)
+        assert_bits_equal(fmt.decode(back), expected)
+    if fmt.block_size:
+        rows = x.reshape(-1, 145)
+        padded = torch.nn.functional.pad(rows, (0, 192 - 145))
+        assert_bits_equal(fmt.quantize_dequantize(rows), fmt.quantize_dequantize(padded)[:, :145])
