@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__, formats
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=f"vidquant {__version__}: PTQ for video DiTs")
 console = Console()
+err_console = Console(stderr=True)
 
 
 @app.callback()
@@ -33,3 +38,112 @@ def formats_cmd(long: bool = typer.Option(False, "--long", help="Also print each
     if long:
         for name in formats.names():
             console.print(f"[bold]{name}[/bold]: {formats.get(name).description}")
+
+
+TINY = "tiny"
+TINY_SIZE = {"height": 32, "width": 32, "frames": 9}  # latent 4x4 over 3 frames: 48 tokens per expert call
+FULL_SIZE = {"height": 720, "width": 1280, "frames": 61}  # the papers' protocol
+
+
+def _fail(message: str) -> NoReturn:
+    err_console.print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _load_model(model: str, i2v: bool):
+    from .models import tiny, wan
+
+    if model == TINY:
+        return tiny.build_tiny_pipeline(i2v=i2v)
+    return wan.load_pipeline(model, i2v=i2v or None)
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Option(..., help="A diffusers Wan pipeline directory (or hub id), or 'tiny'."),
+    out: Path = typer.Option(..., help="Statistics directory (resumed if it exists)."),
+    prompts: Path | None = typer.Option(
+        None, help="Prompt file (.json OpenS2V 'cap', .jsonl, .txt); default: bundled."
+    ),
+    i2v: bool = typer.Option(False, "--i2v", help="Image-to-video (with 'tiny'; a directory says what it is)."),
+    num_prompts: int = typer.Option(16, min=1),
+    steps: int = typer.Option(40, min=1),
+    height: int | None = typer.Option(None, help="Default 720 (32 for tiny)."),
+    width: int | None = typer.Option(None, help="Default 1280 (32 for tiny)."),
+    frames: int | None = typer.Option(None, help="Default 61 (9 for tiny)."),
+    cfg: float = typer.Option(3.5, help="Classifier-free guidance scale."),
+    seed: int = typer.Option(42, help="Prompt i is generated with seed + i."),
+    bins: int = typer.Option(4, min=1, help="Timestep bins per expert."),
+    tail_keys: str = typer.Option("total", help="Tail histograms for 'total' or per 'bin_branch' (x2*bins memory)."),
+) -> None:
+    """Run the BF16 pipeline on calibration prompts and record activation statistics."""
+    import torch.distributed as dist
+    from pydantic import ValidationError
+
+    from .calib.calibrate import CalibSettings
+    from .calib.calibrate import calibrate as run_calibration
+    from .calib.prompts import default_prompts, load_prompts
+
+    size = TINY_SIZE if model == TINY else FULL_SIZE
+    try:
+        settings = CalibSettings(
+            num_prompts=num_prompts,
+            steps=steps,
+            height=height or size["height"],
+            width=width or size["width"],
+            frames=frames or size["frames"],
+            cfg=cfg,
+            seed=seed,
+            bins=bins,
+            tail_keys=tail_keys,
+        )
+        prompt_list = load_prompts(prompts) if prompts else default_prompts()
+        if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+            dist.init_process_group("gloo")
+        pipe = _load_model(model, i2v)
+        run_calibration(pipe, prompt_list, settings, out)
+    except (ValueError, ValidationError) as err:
+        _fail(str(err))
+    console.print(f"statistics written to {out}")
+
+
+@app.command("inspect")
+def inspect_cmd(path: Path = typer.Argument(..., help="A statistics directory.")) -> None:
+    """Print a readable summary of a statistics directory."""
+    from .calib.stats import load_stats
+
+    try:
+        stats = load_stats(path)
+    except ValueError as err:
+        _fail(str(err))
+    meta = stats.meta
+    console.print(
+        f"[bold]{path}[/bold]: vidquant {meta['library_version']}, {meta['model_class']}, "
+        f"{meta['prompts_done']} prompts, settings {meta['settings']}"
+    )
+    table = Table(title="worst tails: max |x| / p99.9 per layer input (top 10)")
+    for col in ("expert", "layers", "tokens", "NaN/Inf", "max", "p99.9", "ratio"):
+        table.add_column(col)
+    rows = []
+    for expert in stats.experts():
+        for name, obs in stats.inputs[expert].items():
+            amax = stats.absmax(expert, name)
+            p999 = stats.percentile(expert, name, 99.9)
+            ratio = (amax / p999.clamp(min=1e-30)).max().item()
+            rows.append(
+                (
+                    ratio,
+                    expert,
+                    ",".join(obs.layers),
+                    int(obs.tokens.sum()),
+                    int(obs.nonfinite.sum()),
+                    amax.max().item(),
+                    p999.max().item(),
+                )
+            )
+        console.print(
+            f"{expert}: {len(stats.layers(expert))} target Linears, {len(stats.inputs[expert])} distinct inputs"
+        )
+    for ratio, expert, layers, tokens, bad, amax, p in sorted(rows, reverse=True)[:10]:
+        table.add_row(expert, layers, str(tokens), str(bad), f"{amax:.4g}", f"{p:.4g}", f"{ratio:.1f}")
+    console.print(table)

@@ -1,0 +1,206 @@
+"""The calibration run: generate with the BF16 pipeline over calibration prompts and collect statistics.
+
+Prompt i is generated with seed ``seed + i`` whatever the process that runs it, so one process and N
+`torchrun` ranks (prompts dealt round-robin, statistics merged with collective ops) give identical
+statistics. Each process saves its statistics atomically after every prompt; rerunning the same command
+resumes after the last saved prompt, and refuses statistics made from another model, prompt set or
+settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .. import __version__
+from ..models import wan
+from . import histogram
+from .collector import bin_edges, collecting
+from .prompts import prompt_set_hash
+from .stats import FORMAT_VERSION, STATS_FILE, TAIL_KEYS, CalibStats, InputStats, load_stats
+
+logger = logging.getLogger(__name__)
+
+
+class CalibSettings(BaseModel):
+    """The generation protocol and statistics layout of a calibration run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_prompts: int = Field(16, ge=1)
+    steps: int = Field(40, ge=1)
+    height: int = Field(720, ge=16)
+    width: int = Field(1280, ge=16)
+    frames: int = Field(61, ge=1)
+    cfg: float = 3.5
+    seed: int = 42
+    bins: int = Field(4, ge=1)
+    tail_keys: Literal[TAIL_KEYS] = "total"  # type: ignore[valid-type]
+    image_color: tuple[int, int, int] = (255, 255, 255)  # the I2V placeholder image
+
+
+def new_stats(
+    pipe, settings: CalibSettings, prompts: list[str], device: torch.device, fingerprint: str | None = None
+) -> CalibStats:
+    """Empty statistics for every distinct target-Linear input of every expert of ``pipe``.
+
+    ``fingerprint`` defaults to `wan.fingerprint` of the pipeline's weights.
+    """
+    experts = wan.experts(pipe)
+    boundary = wan.boundary_timestep(pipe)
+    top = float(pipe.scheduler.config.num_train_timesteps)
+    inputs, info = {}, {}
+    for name, model in experts.items():
+        lo, hi = (0.0, top) if boundary is None else ((boundary, top) if name == "transformer" else (0.0, boundary))
+        linears = wan.target_linears(model)
+        observers = {}
+        for group in wan.input_groups(model):
+            observers[group[0]] = InputStats.empty(
+                group, linears[group[0]].in_features, settings.bins, settings.tail_keys, device
+            )
+        inputs[name] = observers
+        info[name] = {
+            "observers": {k: v.layers for k, v in observers.items()},
+            "bin_edges": bin_edges(lo, hi, settings.bins),
+        }
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "model_fingerprint": fingerprint or wan.fingerprint(pipe),
+        "model_class": type(pipe).__name__,
+        "prompt_set_hash": prompt_set_hash(prompts),
+        "settings": settings.model_dump(mode="json"),
+        "experts": info,
+        "prompts_done": 0,
+    }
+    return CalibStats(inputs, meta)
+
+
+def _check_resumable(old: dict, new: dict, where: Path) -> None:
+    for key in ("model_fingerprint", "prompt_set_hash", "settings", "world_size"):
+        if old.get(key) != new.get(key):
+            raise ValueError(
+                f"{where}: these statistics were made with a different {key.replace('_', ' ')} "
+                f"({old.get(key)} vs now {new.get(key)}); use another --out or delete it"
+            )
+
+
+def calibrate(
+    pipe, prompts: list[str], settings: CalibSettings, out: str | Path, *, progress: bool = True
+) -> CalibStats:
+    """Run calibration (resuming what ``out`` already holds) and return the merged statistics."""
+    out = Path(out)
+    if len(prompts) < settings.num_prompts:
+        raise ValueError(f"{settings.num_prompts} calibration prompts asked for, the prompt set has {len(prompts)}")
+    prompts = prompts[: settings.num_prompts]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = next(wan.experts(pipe)["transformer"].parameters()).device
+    stats = new_stats(pipe, settings, prompts, device)
+    stats.meta["world_size"] = world
+    mine = list(range(rank, len(prompts), world))
+    file = out / (STATS_FILE if world == 1 else f"rank{rank}-of-{world}.safetensors")
+    if file.is_file():
+        old = load_stats(file, device)
+        _check_resumable(old.meta, stats.meta, file)
+        stats = old
+        logger.info("resuming %s: %d of %d prompts done", file, stats.meta["prompts_done"], len(mine))
+    elif out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+    pipe.set_progress_bar_config(disable=True)
+    todo = mine[stats.meta["prompts_done"] :]
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not progress or rank != 0,
+    )
+    with bar, collecting(stats, wan.experts(pipe)):
+        prompt_task = bar.add_task("prompts", total=len(mine), completed=len(mine) - len(todo))
+        step_task = bar.add_task("steps", total=settings.steps)
+        for i in todo:
+            logger.info("(%d/%d) calibrating prompt %d: %s", mine.index(i) + 1, len(mine), i, prompts[i][:80])
+            bar.reset(step_task)
+            generate(pipe, prompts[i], settings, seed=settings.seed + i, on_step=lambda: bar.advance(step_task))
+            stats.meta["prompts_done"] += 1
+            stats.save(out, file.name)
+            bar.advance(prompt_task)
+    if world > 1:
+        stats = _all_reduce(stats)
+        stats.meta["prompts_done"], stats.meta["world_size"] = len(prompts), 1
+        if rank == 0:
+            stats.save(out)
+    _report_nonfinite(stats)
+    return stats
+
+
+def generate(pipe, prompt: str, settings: CalibSettings, *, seed: int, on_step: Callable[[], None]) -> None:
+    """One calibration generation: the settings' protocol, latents only (the VAE adds nothing here)."""
+    kwargs = {}
+    if type(pipe).__name__ == "WanImageToVideoPipeline":
+        kwargs["image"] = wan.placeholder_image(settings.height, settings.width, settings.image_color)
+
+    def step_end(_pipe, _i, _t, callback_kwargs):
+        on_step()
+        return callback_kwargs
+
+    pipe(
+        prompt=prompt,
+        height=settings.height,
+        width=settings.width,
+        num_frames=settings.frames,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.cfg,
+        output_type="latent",
+        generator=torch.Generator("cpu").manual_seed(seed),
+        callback_on_step_end=step_end,
+        **kwargs,
+    )
+
+
+def _all_reduce(stats: CalibStats) -> CalibStats:
+    """Merge every rank's statistics into every rank's, exactly (sums, maxima, aligned histograms)."""
+    for observers in stats.inputs.values():
+        for obs in observers.values():
+            dist.all_reduce(obs.absmax, dist.ReduceOp.MAX)
+            for t in (obs.tokens, obs.nonfinite, obs.token_absmax):
+                dist.all_reduce(t, dist.ReduceOp.SUM)
+            obs.tails = [_all_reduce_tail(h) for h in obs.tails]
+    return stats
+
+
+def _all_reduce_tail(h: histogram.TailHistogram) -> histogram.TailHistogram:
+    """Gather every rank's histogram and merge them in rank order (exact, so every rank agrees)."""
+    world = dist.get_world_size()
+    gathered = []
+    for key, tensor in histogram.state_dict(h).items():
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(parts, tensor.contiguous())
+        gathered.append((key, parts))
+    per_rank = [histogram.from_state_dict({key: parts[r] for key, parts in gathered}) for r in range(world)]
+    merged = per_rank[0]
+    for other in per_rank[1:]:
+        merged = histogram.merge(merged, other)
+    return merged
+
+
+def _report_nonfinite(stats: CalibStats) -> None:
+    for expert, observers in stats.inputs.items():
+        for obs in observers.values():
+            bad = int(obs.nonfinite.sum())
+            if bad:
+                logger.warning(
+                    "%s %s: %d NaN/Inf activation values seen and excluded from the statistics",
+                    expert,
+                    ",".join(obs.layers),
+                    bad,
+                )

@@ -1,0 +1,113 @@
+"""Calibration prompt sets: loading them from files, the bundled default set, and a content hash.
+
+Accepted files:
+
+- JSON (``.json``): an array of records, or an object mapping ids to records (the OpenS2V layout);
+- JSON lines (``.jsonl``): one record per line;
+- text (any other extension): one prompt per line; blank lines and lines starting with ``#`` skipped.
+
+A record is a bare string or an object with a ``cap`` field (a string, or a list of strings of which
+the first is taken) or a ``prompt`` field. A file whose extension does not match its content is read
+as whichever of the three formats parses (JSON, then JSON lines, then text for an unknown extension).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+_CAPTION_FIELDS = ("cap", "prompt")
+Parser = Callable[[str, Path], list[str]]
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """The prompts of a JSON, JSON-lines or text file (see the module docstring); ValueError naming the
+    file, and the line or record, when the file is missing, empty, malformed, or lacks a caption."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ValueError(f"prompt file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read prompt file {path}: {e}") from None
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        prompts = _first_that_parses(text, path, (_parse_json, _parse_json_lines))
+    elif suffix == ".jsonl":
+        prompts = _first_that_parses(text, path, (_parse_json_lines, _parse_json))
+    elif text.lstrip().startswith(("[", "{", '"')):
+        prompts = _first_that_parses(text, path, (_parse_json, _parse_json_lines, _parse_text))
+    else:
+        prompts = _parse_text(text, path)
+    if not prompts:
+        raise ValueError(f"no prompts in {path}")
+    return prompts
+
+
+def default_prompts() -> list[str]:
+    """The bundled calibration prompts (``data/default_prompts.txt``)."""
+    source = resources.files(__package__) / "data" / "default_prompts.txt"
+    return _parse_text(source.read_text(encoding="utf-8"))
+
+
+def prompt_set_hash(prompts: list[str]) -> str:
+    """sha256 (hex) of the prompts in order, joined as a compact UTF-8 JSON array so that prompts with
+    newlines or commas cannot collide with a different split."""
+    joined = json.dumps(list(prompts), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(joined.encode("utf-8")).hexdigest()
+
+
+def _first_that_parses(text: str, path: Path, parsers: tuple[Parser, ...]) -> list[str]:
+    """The result of the first parser that succeeds; the first parser's error if none does."""
+    errors = []
+    for parse in parsers:
+        try:
+            return parse(text, path)
+        except ValueError as e:
+            errors.append(e)
+    raise errors[0]
+
+
+def _parse_json(text: str, path: Path) -> list[str]:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed JSON in {path} at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if isinstance(doc, list):
+        return [_caption(record, f"{path}: record {i}") for i, record in enumerate(doc)]
+    if isinstance(doc, dict):
+        return [_caption(record, f"{path}: record {key!r}") for key, record in doc.items()]
+    raise ValueError(f"{path}: expected a JSON array or object of records, got {type(doc).__name__}")
+
+
+def _parse_json_lines(text: str, path: Path) -> list[str]:
+    prompts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"malformed JSON in {path} at line {number}, column {e.colno}: {e.msg}") from None
+        prompts.append(_caption(record, f"{path}: line {number}"))
+    return prompts
+
+
+def _parse_text(text: str, _path: Path | None = None) -> list[str]:
+    stripped = (line.strip() for line in text.splitlines())
+    return [line for line in stripped if line and not line.startswith("#")]
+
+
+def _caption(record: object, where: str) -> str:
+    """The caption of one record: a string, or the ``cap`` / ``prompt`` field (first item of a list)."""
+    if isinstance(record, dict):
+        field = next((record[f] for f in _CAPTION_FIELDS if f in record), None)
+        if isinstance(field, list):
+            field = field[0] if field else None
+        record = field
+    if isinstance(record, str) and record.strip():
+        return record.strip()
+    raise ValueError(f"{where} has no usable caption (a non-empty string, or a 'cap' or 'prompt' field)")

@@ -1,0 +1,290 @@
+"""Calibration statistics: per expert and distinct Linear input, keyed by timestep bin and CFG branch.
+
+Everything here merges exactly (sums of counts, maxima, tail histograms that merge exactly), so the
+statistics of N prompts, calls, bins, branches or processes equal those of one stream over the same
+samples — "the same percentile rule is applied to the aggregated activation samples", never an average
+of per-call percentiles. Memory does not grow with tokens, steps or prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from . import histogram
+from .histogram import TailHistogram
+
+logger = logging.getLogger(__name__)
+
+BRANCHES = ("cond", "uncond")
+STATS_FILE = "stats.safetensors"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+# Per-token absmax distribution: quarter-octave buckets over [2^-32, 2^32), plus underflow/overflow.
+TOKEN_MIN_EXP, TOKEN_MAX_EXP = -32, 32
+TOKEN_BUCKETS = (TOKEN_MAX_EXP - TOKEN_MIN_EXP) * 4 + 2
+TAIL_KEYS = ("total", "bin_branch")
+
+
+@dataclass
+class InputStats:
+    """Statistics of one distinct input of one expert (shared by e.g. self-attention q/k/v).
+
+    ``absmax`` (bins, 2, C) over finite values; ``tokens`` (bins, 2) rows seen; ``nonfinite`` (bins, 2)
+    NaN/Inf values seen (excluded everywhere else); ``token_absmax`` (bins, 2, TOKEN_BUCKETS) counts of
+    per-token absmax; ``tails`` one per-channel tail histogram of |x| for the totals, or one per
+    (bin, branch) when the statistics keep them by key (``tail_keys="bin_branch"``).
+    """
+
+    layers: list[str]
+    absmax: Tensor
+    tokens: Tensor
+    nonfinite: Tensor
+    token_absmax: Tensor
+    tails: list[TailHistogram] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, layers: list[str], channels: int, bins: int, tail_keys: str, device: torch.device) -> InputStats:
+        n_tails = 1 if tail_keys == "total" else bins * len(BRANCHES)
+        return cls(
+            layers=layers,
+            absmax=torch.zeros(bins, len(BRANCHES), channels, device=device),
+            tokens=torch.zeros(bins, len(BRANCHES), dtype=torch.int64, device=device),
+            nonfinite=torch.zeros(bins, len(BRANCHES), dtype=torch.int64, device=device),
+            token_absmax=torch.zeros(bins, len(BRANCHES), TOKEN_BUCKETS, dtype=torch.int64, device=device),
+            tails=[histogram.empty(channels, device=device) for _ in range(n_tails)],
+        )
+
+    @property
+    def channels(self) -> int:
+        return self.absmax.shape[-1]
+
+    def update(self, x: Tensor, bin_: int, branch: int) -> None:
+        """Add the activations ``x`` (..., C) seen at timestep bin ``bin_`` in CFG branch ``branch``.
+
+        All on ``x``'s device and dtype, with no host synchronization (max is exact in any dtype).
+        """
+        x = x.detach().reshape(-1, x.shape[-1])
+        tail = self.tails[0] if len(self.tails) == 1 else self.tails[bin_ * len(BRANCHES) + branch]
+        before = tail.nonfinite.sum()
+        histogram.update(tail, x)
+        self.nonfinite[bin_, branch] += tail.nonfinite.sum() - before
+        a = x.abs().nan_to_num_(nan=0.0, posinf=0.0)
+        self.absmax[bin_, branch] = torch.maximum(self.absmax[bin_, branch], a.amax(0).float())
+        self.tokens[bin_, branch] += a.shape[0]
+        self.token_absmax[bin_, branch] += token_buckets(a.amax(1).float())
+
+    def merge_(self, other: InputStats) -> None:
+        """Fold ``other`` (same layout) into this one, exactly."""
+        self.absmax = torch.maximum(self.absmax, other.absmax)
+        self.tokens += other.tokens
+        self.nonfinite += other.nonfinite
+        self.token_absmax += other.token_absmax
+        self.tails = [histogram.merge(a, b) for a, b in zip(self.tails, other.tails, strict=True)]
+
+    def tail(self, bin_: int | None, branch: int | None) -> TailHistogram:
+        """The tail histogram over the selected keys (all when None), merged exactly."""
+        if len(self.tails) == 1:
+            if bin_ is not None or branch is not None:
+                raise ValueError(
+                    "percentiles per timestep bin or CFG branch need statistics calibrated with "
+                    "--tail-keys bin_branch; these keep tail histograms for the totals only"
+                )
+            return self.tails[0]
+        n_branches = len(BRANCHES)
+        picked = [
+            h
+            for i, h in enumerate(self.tails)
+            if (bin_ is None or i // n_branches == bin_) and (branch is None or i % n_branches == branch)
+        ]
+        out = picked[0]
+        for h in picked[1:]:
+            out = histogram.merge(out, h)
+        return out
+
+    def tensors(self, prefix: str) -> dict[str, Tensor]:
+        out = {
+            f"{prefix}/absmax": self.absmax,
+            f"{prefix}/tokens": self.tokens,
+            f"{prefix}/nonfinite": self.nonfinite,
+            f"{prefix}/token_absmax": self.token_absmax,
+        }
+        for i, tail in enumerate(self.tails):
+            out.update(histogram.state_dict(tail, f"{prefix}/tail{i}/"))
+        return out
+
+    @classmethod
+    def from_tensors(cls, layers: list[str], prefix: str, tensors: dict[str, Tensor], n_tails: int) -> InputStats:
+        tails = [histogram.from_state_dict(tensors, f"{prefix}/tail{i}/") for i in range(n_tails)]
+        return cls(
+            layers,
+            tensors[f"{prefix}/absmax"],
+            tensors[f"{prefix}/tokens"],
+            tensors[f"{prefix}/nonfinite"],
+            tensors[f"{prefix}/token_absmax"],
+            tails,
+        )
+
+
+def token_buckets(token_absmax: Tensor) -> Tensor:
+    """Histogram (TOKEN_BUCKETS,) of per-token absmax values (fp32, >= 0) on the fixed grid.
+
+    Bucket = fp32 exponent plus the top two mantissa bits (four linear sub-buckets per octave) over
+    [2^TOKEN_MIN_EXP, 2^TOKEN_MAX_EXP); bucket 0 holds smaller values, the last one larger values.
+    """
+    ids = token_absmax.view(torch.int32) >> (23 - 2)
+    ids = (ids - ((127 + TOKEN_MIN_EXP) << 2) + 1).clamp_(0, TOKEN_BUCKETS - 1)
+    return torch.bincount(ids, minlength=TOKEN_BUCKETS)
+
+
+@dataclass
+class CalibStats:
+    """All statistics of one calibration: ``inputs[expert][observer]`` plus what produced them.
+
+    ``meta`` records the library version, model fingerprint, prompt-set hash, settings, the bin edges
+    per expert and how many prompts are done; the layer map sends every target Linear to the observer
+    of its input.
+    """
+
+    inputs: dict[str, dict[str, InputStats]]
+    meta: dict
+
+    @property
+    def bins(self) -> int:
+        return int(self.meta["settings"]["bins"])
+
+    def experts(self) -> list[str]:
+        return list(self.inputs)
+
+    def layers(self, expert: str) -> list[str]:
+        """Every target Linear of ``expert`` with statistics, in model order."""
+        return [layer for obs in self._expert(expert).values() for layer in obs.layers]
+
+    def input_of(self, expert: str, layer: str) -> InputStats:
+        for obs in self._expert(expert).values():
+            if layer in obs.layers:
+                return obs
+        raise ValueError(f"no statistics for layer '{layer}' of expert '{expert}'")
+
+    def absmax(self, expert: str, layer: str, bin: int | None = None, branch: int | str | None = None) -> Tensor:
+        """Per-channel max |x| of the input of ``layer``, over the selected bin / branch (all when None)."""
+        obs = self.input_of(expert, layer)
+        sel = obs.absmax
+        if bin is not None:
+            sel = sel[self._bin(bin)].unsqueeze(0)
+        if branch is not None:
+            sel = sel[:, self._branch(branch)].unsqueeze(1)
+        return sel.reshape(-1, obs.channels).amax(0)
+
+    def percentile(
+        self, expert: str, layer: str, p: float, bin: int | None = None, branch: int | str | None = None
+    ) -> Tensor:
+        """Per-channel p-th percentile (numpy's linear rule) of |x| over all aggregated samples."""
+        obs = self.input_of(expert, layer)
+        b = None if bin is None else self._bin(bin)
+        br = None if branch is None else self._branch(branch)
+        return histogram.percentile(obs.tail(b, br), p)
+
+    def tokens(self, expert: str, layer: str) -> int:
+        return int(self.input_of(expert, layer).tokens.sum())
+
+    def merge_(self, other: CalibStats) -> None:
+        for expert, observers in other.inputs.items():
+            for name, obs in observers.items():
+                self.inputs[expert][name].merge_(obs)
+
+    # ---- storage --------------------------------------------------------------------------------------
+    def save(self, directory: str | Path, filename: str = STATS_FILE) -> None:
+        """Write ``filename`` (the metadata inside its header) and a readable ``meta.json`` beside it.
+
+        The safetensors file is written to a temporary name and renamed, so an interrupted write
+        leaves the previous complete file; its header, not meta.json, is what `load_stats` trusts.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for expert, observers in self.inputs.items():
+            for name, obs in observers.items():
+                tensors.update(obs.tensors(f"{expert}/{name}"))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        header = json.dumps(self.meta, sort_keys=True)
+        _atomic(directory / filename, lambda tmp: save_file(tensors, tmp, metadata={"vidquant": header}))
+        if filename == STATS_FILE:
+            _atomic(directory / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(self.meta, indent=1)))
+
+    def _expert(self, expert: str) -> dict[str, InputStats]:
+        if expert not in self.inputs:
+            raise ValueError(f"no statistics for expert '{expert}'; have {', '.join(self.inputs)}")
+        return self.inputs[expert]
+
+    def _bin(self, bin_: int) -> int:
+        if not 0 <= bin_ < self.bins:
+            raise ValueError(f"timestep bin {bin_} out of range: these statistics have {self.bins} bins")
+        return bin_
+
+    @staticmethod
+    def _branch(branch: int | str) -> int:
+        if isinstance(branch, str):
+            if branch not in BRANCHES:
+                raise ValueError(f"unknown CFG branch '{branch}'; use one of {BRANCHES}")
+            return BRANCHES.index(branch)
+        if branch not in (0, 1):
+            raise ValueError(f"CFG branch must be 0 (cond) or 1 (uncond), got {branch}")
+        return branch
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_meta(path: str | Path) -> dict:
+    """The metadata stored in the header of a stats file."""
+    with safe_open(str(path), framework="pt") as f:
+        header = (f.metadata() or {}).get("vidquant")
+    if header is None:
+        raise ValueError(f"{path}: not a vidquant statistics file (no 'vidquant' metadata in its header)")
+    return json.loads(header)
+
+
+def load_stats(path: str | Path, device: str | torch.device = "cpu") -> CalibStats:
+    """Load statistics written by `CalibStats.save` (a directory or its stats.safetensors)."""
+    path = Path(path)
+    file = path / STATS_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"{path}: no {STATS_FILE} here; run `vidquant calibrate --out {path}` first")
+    try:
+        meta = read_meta(file)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{file}: statistics format version {meta.get('format_version')} is not "
+                f"{FORMAT_VERSION}; recalibrate with this vidquant"
+            )
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise ValueError(f"{file}: unreadable statistics ({err})") from err
+    n_tails = 1 if meta["settings"]["tail_keys"] == "total" else meta["settings"]["bins"] * len(BRANCHES)
+    inputs = {
+        expert: {
+            name: InputStats.from_tensors(layers, f"{expert}/{name}", tensors, n_tails)
+            for name, layers in info["observers"].items()
+        }
+        for expert, info in meta["experts"].items()
+    }
+    return CalibStats(inputs, meta)
