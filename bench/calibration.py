@@ -12,27 +12,17 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from types import SimpleNamespace
 
 import torch
+from timing import median_seconds
 
 from vidquant.calib.calibrate import CalibSettings, generate, new_stats
 from vidquant.calib.collector import collecting
 from vidquant.calib.prompts import default_prompts
 from vidquant.models import tiny, wan
-
-
-def seconds(fn, repeats: int = 3) -> float:
-    fn()  # warm-up (numba compilation, allocator)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def overhead(name: str, pipe, settings: CalibSettings) -> None:
@@ -52,7 +42,7 @@ def overhead(name: str, pipe, settings: CalibSettings) -> None:
         with tempfile.TemporaryDirectory() as out:
             stats.save(out)
 
-    t_plain, t_calib = seconds(plain), seconds(calibrated)
+    t_plain, t_calib = median_seconds(plain), median_seconds(calibrated)
     print(
         f"{name:8} {settings.height}x{settings.width}x{settings.frames}, {settings.steps} steps, per prompt: "
         f"generation {t_plain:7.2f} s  calibration {t_calib:7.2f} s  overhead {t_calib / t_plain:5.2f}x  "

@@ -13,23 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from timing import median_seconds
 
 from vidquant import formats
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (and numba compilation)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def straightforward(fmt: formats.Format, x: torch.Tensor) -> torch.Tensor:
@@ -39,10 +27,6 @@ def straightforward(fmt: formats.Format, x: torch.Tensor) -> torch.Tensor:
     finally:
         del os.environ["VIDQUANT_NO_KERNELS"]
 
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    nan = torch.isnan(a)
-    return torch.equal(nan, torch.isnan(b)) and torch.equal(a.view(torch.int16)[~nan], b.view(torch.int16)[~nan])
 
 
 def main() -> None:
@@ -59,7 +43,7 @@ def main() -> None:
         fmt = formats.get(name)
         slow = median_seconds(lambda fmt=fmt: straightforward(fmt, x), max(1, args.repeats // 2))
         fast = median_seconds(lambda fmt=fmt: fmt.quantize_dequantize(x), args.repeats)
-        exact = same_bits(straightforward(fmt, x), fmt.quantize_dequantize(x))
+        exact = formats.bits_equal(straightforward(fmt, x), fmt.quantize_dequantize(x))
         print(f"{name:10} {copy * 1e3:9.1f} {slow * 1e3:13.1f} {fast * 1e3:11.1f} {slow / fast:8.1f}x "
               f"{fast / copy:7.1f}x {exact}")
     print("\nother formats (torch ops):")

@@ -107,11 +107,57 @@ def calibrate(
     console.print(f"statistics written to {out}")
 
 
+@app.command("quantize")
+def quantize_cmd(
+    model: str = typer.Option(..., help="The base pipeline: a diffusers Wan directory (or hub id), or 'tiny'."),
+    out: Path = typer.Option(..., help="Directory for the PTQ state (manifest.json + tensors.safetensors)."),
+    stats: Path | None = typer.Option(None, help="Statistics from `vidquant calibrate` (needed for smoothing)."),
+    recipe: str = typer.Option("tail-aware-hif4", help="A bundled recipe name or a YAML file."),
+    i2v: bool = typer.Option(False, "--i2v", help="Image-to-video (with 'tiny')."),
+) -> None:
+    """Turn calibration statistics and a recipe into a compact PTQ state."""
+    from .calib.stats import load_stats
+    from .ptq import quantize
+
+    try:
+        pipe = _load_model(model, i2v)
+        state = quantize(pipe, recipe, load_stats(stats) if stats else None, progress=True)
+        state.save(out)
+    except ValueError as err:
+        _fail(str(err))
+    _print_state(out)
+
+
+def _print_state(path: Path) -> None:
+    from .state import load_state
+
+    state = load_state(path)
+    plan, recipe = state.plan, state.recipe
+    size, base = state.nbytes(), state.base["transformer_bf16_bytes"]
+    console.print(f"[bold]{path}[/bold]: PTQ state, vidquant {state.library_version}, recipe '{recipe['name']}' "
+                  f"(W {recipe['weights']}, A {recipe['activations']}, smoothing {recipe['smoothing']['statistic']})")
+    table = Table(title="layers per expert")
+    for col in ("expert", "quantized", "protected", "boundary (BF16)", "protected blocks"):
+        table.add_column(col)
+    for expert, counts in plan["counts"].items():
+        blocks = ", ".join(map(str, plan["protected_blocks"].get(expert, []))) or "-"
+        table.add_row(expert, str(counts["quantized"]), str(counts["protected"]), str(counts["boundary"]), blocks)
+    console.print(table)
+    console.print(f"state tensors {size / 2**20:.3f} MiB = {100 * size / base:.4f} % of the BF16 transformer "
+                  f"weights ({base / 2**30:.3f} GiB)")
+
+
 @app.command("inspect")
-def inspect_cmd(path: Path = typer.Argument(..., help="A statistics directory.")) -> None:
-    """Print a readable summary of a statistics directory."""
+def inspect_cmd(path: Path = typer.Argument(..., help="A statistics or PTQ state directory.")) -> None:
+    """Print a readable summary of a statistics or PTQ state directory."""
     from .calib.stats import load_stats
 
+    if (path / "manifest.json").is_file():
+        try:
+            _print_state(path)
+        except ValueError as err:
+            _fail(str(err))
+        return
     try:
         stats = load_stats(path)
     except ValueError as err:
@@ -147,3 +193,57 @@ def inspect_cmd(path: Path = typer.Argument(..., help="A statistics directory.")
     for ratio, expert, layers, tokens, bad, amax, p in sorted(rows, reverse=True)[:10]:
         table.add_row(expert, layers, str(tokens), str(bad), f"{amax:.4g}", f"{p:.4g}", f"{ratio:.1f}")
     console.print(table)
+
+
+@app.command("run")
+def run_cmd(
+    out: Path = typer.Option(..., help="Output folder: stats/, state/, videos/, report/ (each stage reused)."),
+    model: str = typer.Option(TINY, help="A diffusers Wan directory (or hub id), or 'tiny'."),
+    recipe: str = typer.Option("tail-aware-hif4", help="A bundled recipe name or a YAML file."),
+    i2v: bool = typer.Option(False, "--i2v", help="Image-to-video (with 'tiny')."),
+    prompts: Path | None = typer.Option(None, help="Evaluation prompts (default: bundled, disjoint from calibration)."),
+    calib_prompts: Path | None = typer.Option(None, help="Calibration prompts (default: bundled)."),
+    num_prompts: int = typer.Option(8, min=1, help="Evaluation prompts to generate."),
+    num_calib_prompts: int = typer.Option(8, min=1, help="Calibration prompts."),
+    steps: int | None = typer.Option(None, help="Default 40 (8 for tiny)."),
+    height: int | None = typer.Option(None, help="Default 720 (48 for tiny)."),
+    width: int | None = typer.Option(None, help="Default 1280 (48 for tiny)."),
+    frames: int | None = typer.Option(None, help="Default 61 (9 for tiny)."),
+    cfg: float = typer.Option(3.5),
+    seed: int = typer.Option(42),
+    bins: int = typer.Option(4, min=1, help="Timestep bins per expert for the statistics."),
+    vbench: bool = typer.Option(True, help="Score VBench's five dimensions when VBench is installed."),
+    fidelity_prompts: int = typer.Option(1, min=0, help="Held-out prompts for the per-layer SQNR plot (0: skip)."),
+) -> None:
+    """Calibrate, quantize, generate BF16 and quantized videos, evaluate and write report.html."""
+    from pydantic import ValidationError
+
+    from .calib.calibrate import CalibSettings
+    from .calib.prompts import default_prompts, load_prompts
+    from .eval.protocol import Protocol
+    from .job import Job, run
+    from .recipes import load_recipe
+
+    size = {"steps": 8, "height": 48, "width": 48, "frames": 9} if model == TINY else \
+        {"steps": 40, **FULL_SIZE}
+    try:
+        protocol = Protocol(height=height or size["height"], width=width or size["width"],
+                            frames=frames or size["frames"], steps=steps or size["steps"], cfg=cfg, seed=seed)
+        bundled = default_prompts()
+        calib = (load_prompts(calib_prompts) if calib_prompts else bundled)[:num_calib_prompts]
+        evaluation = load_prompts(prompts) if prompts else bundled[len(calib):]
+        settings = CalibSettings(**protocol.model_dump(), num_prompts=len(calib), bins=bins)
+        job = Job(load_recipe(recipe), calib, evaluation[:num_prompts], protocol, settings, out, model, vbench,
+                  fidelity_prompts)
+        report = run(_load_model(model, i2v), job)
+    except (ValueError, ValidationError) as err:
+        _fail(str(err))
+    console.print(f"report: {report}")
+
+
+@app.command("demo")
+def demo_cmd(out: Path = typer.Option(Path("out/demo"), help="Output folder.")) -> None:
+    """`vidquant run` on the built-in tiny Wan2.2 pipeline with the bundled prompts (a few minutes on a CPU)."""
+    run_cmd(out=out, model=TINY, recipe="tail-aware-hif4", i2v=False, prompts=None, calib_prompts=None,
+            num_prompts=8, num_calib_prompts=8, steps=None, height=None, width=None, frames=None, cfg=3.5,
+            seed=42, bins=2, vbench=True, fidelity_prompts=1)

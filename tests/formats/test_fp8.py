@@ -11,22 +11,17 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from vidquant import formats
+from vidquant.formats import bits_equal
 from vidquant.formats.elements import E4M3, E5M2, ElementGrid
 
 NAMES = ["fp8_e4m3", "fp8_e5m2"]
 GRIDS = {"E4M3": (E4M3, ml_dtypes.float8_e4m3fn), "E5M2": (E5M2, ml_dtypes.float8_e5m2)}
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 f32 = np.float32
 
 
 def assert_bits_equal(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Bit-for-bit equality, except that any NaN matches any NaN."""
-    assert a.shape == b.shape and a.dtype == b.dtype
-    nan = torch.isnan(a)
-    assert torch.equal(nan, torch.isnan(b))
-    ia, ib = a.view(INT_VIEW[a.dtype]), b.view(INT_VIEW[b.dtype])
-    assert torch.equal(ia[~nan], ib[~nan]), f"{int((ia != ib).sum())} values differ"
+    assert bits_equal(a, b), f"{a} vs {b}"
 
 
 def ml_codes(v: np.ndarray, grid: ElementGrid, ml: type) -> torch.Tensor:

@@ -13,10 +13,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from vidquant import formats
-from vidquant.formats import hif4
+from vidquant.formats import bits_equal, hif4
 
 FMT = formats.get("hif4")
-INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 f32 = np.float32
 
 
@@ -52,12 +51,7 @@ def oracle(x: torch.Tensor) -> torch.Tensor:
 
 
 def assert_bits_equal(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Bit-for-bit equality, except that any NaN matches any NaN."""
-    assert a.shape == b.shape and a.dtype == b.dtype
-    nan = torch.isnan(a)
-    assert torch.equal(nan, torch.isnan(b))
-    ia, ib = a.view(INT_VIEW[a.dtype]), b.view(INT_VIEW[b.dtype])
-    assert torch.equal(ia[~nan], ib[~nan]), f"{(ia != ib).sum()} values differ"
+    assert bits_equal(a, b), f"{a} vs {b}"
 
 
 def torch_path(x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:

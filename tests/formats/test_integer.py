@@ -10,22 +10,17 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from vidquant import formats
+from vidquant.formats import bits_equal
 
 NAMES = ["int8", "int4", "int8_g64", "int4_g64"]
 GROUPED = ["int8_g64", "int4_g64"]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
 f32 = np.float32
 
 
 def assert_bits_equal(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Bit-for-bit equality, except that any NaN matches any NaN."""
-    assert a.shape == b.shape and a.dtype == b.dtype
-    nan = torch.isnan(a)
-    assert torch.equal(nan, torch.isnan(b))
-    ia, ib = a.view(INT_VIEW[a.dtype]), b.view(INT_VIEW[b.dtype])
-    assert torch.equal(ia[~nan], ib[~nan]), f"{int((ia != ib).sum())} values differ"
+    assert bits_equal(a, b), f"{a} vs {b}"
 
 
 def int_oracle(x: torch.Tensor, name: str) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from vidquant import formats
+from vidquant.formats import bits_equal
 from vidquant.formats.elements import E2M1
 from vidquant.formats.mx import e8m0_value
 
@@ -18,17 +19,11 @@ NAMES = ["mxfp4", "mxfp4_sim", "mxfp8", "mxfp8_e5m2"]
 ML_DTYPE = {"E2M1": ml_dtypes.float4_e2m1fn, "E4M3": ml_dtypes.float8_e4m3fn, "E5M2": ml_dtypes.float8_e5m2}
 E2M1_GRID = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6])
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 f32 = np.float32
 
 
 def assert_bits_equal(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Bit-for-bit equality, except that any NaN matches any NaN."""
-    assert a.shape == b.shape and a.dtype == b.dtype
-    nan = torch.isnan(a)
-    assert torch.equal(nan, torch.isnan(b))
-    ia, ib = a.view(INT_VIEW[a.dtype]), b.view(INT_VIEW[b.dtype])
-    assert torch.equal(ia[~nan], ib[~nan]), f"{int((ia != ib).sum())} values differ"
+    assert bits_equal(a, b), f"{a} vs {b}"
 
 
 def finite_bf16_patterns() -> torch.Tensor:

@@ -11,20 +11,15 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from vidquant import formats
+from vidquant.formats import bits_equal
 
 NAMES = ["nvfp4", "nvfp4_sim"]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 f32 = np.float32
 
 
 def assert_bits_equal(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Bit-for-bit equality, except that any NaN matches any NaN."""
-    assert a.shape == b.shape and a.dtype == b.dtype
-    nan = torch.isnan(a)
-    assert torch.equal(nan, torch.isnan(b))
-    ia, ib = a.view(INT_VIEW[a.dtype]), b.view(INT_VIEW[b.dtype])
-    assert torch.equal(ia[~nan], ib[~nan]), f"{int((ia != ib).sum())} values differ"
+    assert bits_equal(a, b), f"{a} vs {b}"
 
 
 def e4m3(v: np.ndarray) -> np.ndarray:

@@ -16,10 +16,11 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .. import __version__
+from ..eval.protocol import Protocol
 from ..models import wan
 from . import histogram
 from .collector import bin_edges, collecting
@@ -29,21 +30,12 @@ from .stats import FORMAT_VERSION, STATS_FILE, TAIL_KEYS, CalibStats, InputStats
 logger = logging.getLogger(__name__)
 
 
-class CalibSettings(BaseModel):
-    """The generation protocol and statistics layout of a calibration run."""
-
-    model_config = ConfigDict(extra="forbid")
+class CalibSettings(Protocol):
+    """The generation protocol of the calibration run, plus how much to run and how to key statistics."""
 
     num_prompts: int = Field(16, ge=1)
-    steps: int = Field(40, ge=1)
-    height: int = Field(720, ge=16)
-    width: int = Field(1280, ge=16)
-    frames: int = Field(61, ge=1)
-    cfg: float = 3.5
-    seed: int = 42
     bins: int = Field(4, ge=1)
     tail_keys: Literal[TAIL_KEYS] = "total"  # type: ignore[valid-type]
-    image_color: tuple[int, int, int] = (255, 255, 255)  # the I2V placeholder image
 
 
 def new_stats(
@@ -145,26 +137,12 @@ def calibrate(
 
 def generate(pipe, prompt: str, settings: CalibSettings, *, seed: int, on_step: Callable[[], None]) -> None:
     """One calibration generation: the settings' protocol, latents only (the VAE adds nothing here)."""
-    kwargs = {}
-    if type(pipe).__name__ == "WanImageToVideoPipeline":
-        kwargs["image"] = wan.placeholder_image(settings.height, settings.width, settings.image_color)
 
     def step_end(_pipe, _i, _t, callback_kwargs):
         on_step()
         return callback_kwargs
 
-    pipe(
-        prompt=prompt,
-        height=settings.height,
-        width=settings.width,
-        num_frames=settings.frames,
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.cfg,
-        output_type="latent",
-        generator=torch.Generator("cpu").manual_seed(seed),
-        callback_on_step_end=step_end,
-        **kwargs,
-    )
+    pipe(**settings.call_kwargs(pipe, prompt, seed), output_type="latent", callback_on_step_end=step_end)
 
 
 def _all_reduce(stats: CalibStats) -> CalibStats:

@@ -11,7 +11,7 @@
 # isort: off
 from . import hif8, hif4, mx, nvfp4, fp8, integer  # noqa: F401
 # isort: on
-from .base import Encoded, Format
+from .base import Encoded, Format, bits_equal
 from .registry import get, names, register
 
-__all__ = ["Encoded", "Format", "get", "names", "register"]
+__all__ = ["Encoded", "Format", "bits_equal", "get", "names", "register"]

@@ -156,6 +156,22 @@ def _from_rows(rows: Tensor, shape: torch.Size, dim: int) -> Tensor:
     return rows.reshape(moved).movedim(-1, dim)
 
 
+INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+def bits_equal(a: Tensor, b: Tensor) -> bool:
+    """Bit-for-bit equality of two float tensors (same shape and dtype), except that any NaN matches any NaN.
+
+    NaN payloads are not part of any format here (torch itself writes different NaN bits for one value).
+    """
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    nan = torch.isnan(a)
+    if not torch.equal(nan, torch.isnan(b)):
+        return False
+    return torch.equal(a.view(INT_VIEW[a.dtype])[~nan], b.view(INT_VIEW[b.dtype])[~nan])
+
+
 def pad_rows(rows: Tensor, block: int) -> Tensor:
     """Zero-pad the last dim of ``rows`` to a multiple of ``block``."""
     tail = -rows.shape[-1] % block

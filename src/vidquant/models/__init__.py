@@ -4,6 +4,7 @@ from vidquant.models.tiny import build_medium_pipeline, build_tiny_pipeline
 from vidquant.models.wan import (
     boundary_linears,
     boundary_timestep,
+    config_fingerprint,
     expert_for_timestep,
     experts,
     fingerprint,
@@ -11,6 +12,7 @@ from vidquant.models.wan import (
     load_pipeline,
     placeholder_image,
     target_linears,
+    tensor_sha256,
 )
 
 __all__ = [
@@ -18,6 +20,7 @@ __all__ = [
     "boundary_timestep",
     "build_medium_pipeline",
     "build_tiny_pipeline",
+    "config_fingerprint",
     "expert_for_timestep",
     "experts",
     "fingerprint",
@@ -25,4 +28,5 @@ __all__ = [
     "load_pipeline",
     "placeholder_image",
     "target_linears",
+    "tensor_sha256",
 ]

@@ -208,13 +208,11 @@ def placeholder_image(height: int, width: int, color: tuple[int, int, int] = (25
     return Image.new("RGB", (width, height), color)
 
 
-def fingerprint(pipe: DiffusionPipeline) -> str:
-    """sha256 of the expert configs, the routing boundary and every expert tensor (name, shape, dtype, bytes).
+def config_fingerprint(pipe: DiffusionPipeline) -> str:
+    """sha256 of what the weights do not say: pipeline class, routing boundary and the expert configs.
 
-    Tensors are hashed one at a time, so a GPU-resident 14B expert needs one tensor of host memory at most.
     Volatile config keys (`_name_or_path`, versions) are left out, so a save/load round trip keeps it.
     """
-    digest = hashlib.sha256()
     header = {
         "pipeline": type(pipe).__name__,
         "boundary_ratio": pipe.config.get("boundary_ratio"),
@@ -223,10 +221,27 @@ def fingerprint(pipe: DiffusionPipeline) -> str:
             for name, model in experts(pipe).items()
         },
     }
-    digest.update(json.dumps(header, sort_keys=True, default=str).encode())
+    return hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of one tensor's shape, dtype and bytes (one tensor of host memory at most)."""
+    digest = hashlib.sha256()
+    _hash_tensor(digest, tensor)
+    return digest.hexdigest()
+
+
+def fingerprint(pipe: DiffusionPipeline) -> str:
+    """sha256 of `config_fingerprint` and every expert tensor (name, shape, dtype, bytes), one at a time."""
+    digest = hashlib.sha256(config_fingerprint(pipe).encode())
     for name, model in experts(pipe).items():
         for key, tensor in sorted(model.state_dict().items()):
-            t = tensor.detach()
-            digest.update(f"\n{name}.{key}|{tuple(t.shape)}|{t.dtype}|".encode())
-            digest.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+            digest.update(f"\n{name}.{key}".encode())
+            _hash_tensor(digest, tensor)
     return digest.hexdigest()
+
+
+def _hash_tensor(digest, tensor: torch.Tensor) -> None:
+    t = tensor.detach()
+    digest.update(f"|{tuple(t.shape)}|{t.dtype}|".encode())
+    digest.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())

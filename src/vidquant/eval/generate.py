@@ -1,0 +1,362 @@
+"""Generate evaluation videos under a `Protocol` and keep everything the report compares.
+
+Per prompt ``i`` (seed ``protocol.seed + i``), in ``out_dir``:
+
+- ``{name}-{i}.mp4``: the video in the layout of VBench's custom-input mode, which reads the prompt from
+  the file name (the stem minus ``-{i}``);
+- ``{name}-{i}.frames.npz``: the exact uint8 frames ``(T, H, W, 3)``, so metrics do not see codec loss;
+- ``{name}-{i}.latents.safetensors``: the final denoised latents (before the VAE), key ``latents``;
+- ``{name}-{i}.json``: the sidecar (protocol and its fingerprint, prompt, seed, seconds per step, peak
+  memory), written last, so a sidecar means a complete video;
+
+plus ``prompts.json`` (mp4 file name -> full prompt) and ``protocol.json``. ``name`` is the prompt made
+filename-safe (`video_name`): '/', '\\' and control characters become '_', runs of whitespace one space,
+and it is cut to 180 UTF-8 bytes (at a word boundary when one is near) so every file name stays under
+the 255-byte limit. VBench would then read a cut or altered prompt from the name, which matters for its
+text-video dimensions; ``prompts.json`` has the full prompts (VBench's ``--prompt_file`` takes the same
+map keyed by video path). Every file is written under a temporary name and renamed, so an interrupted
+run leaves no truncated file, and a rerun skips the prompts already done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+
+from vidquant import __version__
+from vidquant.eval.probes import PeakMemory, StepTimer, peak_memory
+from vidquant.eval.protocol import Protocol
+
+logger = logging.getLogger(__name__)
+
+PROMPTS_FILE = "prompts.json"
+PROTOCOL_FILE = "protocol.json"
+SIDECAR_KIND = "vidquant.video"
+MAX_NAME_BYTES = 180
+MP4_CRF = 12  # x264 constant quality: visually lossless, so VBench scores see the model, not the codec
+_UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]")
+_SIDECAR = re.compile(r"-(\d+)\.json$")
+SUFFIXES = {"mp4": ".mp4", "frames": ".frames.npz", "latents": ".latents.safetensors", "sidecar": ".json"}
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One generated video: where its files are and what its call cost."""
+
+    index: int
+    prompt: str
+    name: str
+    paths: dict[str, Path]  # mp4, frames, latents, sidecar
+    seconds_per_step: float
+    peak_memory_bytes: int
+    seed: int
+    fingerprint: str  # of the protocol
+
+
+def video_name(prompt: str) -> str:
+    """The readable, filename-safe stem for a prompt (see the module docstring)."""
+    name = " ".join(_UNSAFE.sub("_", prompt).split()).lstrip(".")
+    raw = name.encode()
+    if len(raw) > MAX_NAME_BYTES:
+        name = raw[:MAX_NAME_BYTES].decode(errors="ignore")
+        cut = name.rfind(" ")
+        if cut > MAX_NAME_BYTES // 2:
+            name = name[:cut]
+        name = name.rstrip()
+    return name or "untitled"
+
+
+def generate_videos(
+    pipe,
+    prompts: list[str],
+    protocol: Protocol,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    on_step: Callable[[], None] | None = None,
+) -> list[VideoRecord]:
+    """Generate (or resume) one video per prompt under ``protocol``; return their records in prompt order.
+
+    A prompt whose sidecar already holds this protocol and prompt is not generated again. ``out_dir``
+    belongs to one protocol and one prompt list: another protocol, or another prompt at an index already
+    done, raises a ValueError naming the directory.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    records = load_records(out)
+    _claim(out, protocol, records)
+    done = {r.index: r for r in records}
+    for index, prompt in enumerate(prompts):
+        old = done.get(index)
+        if old is not None and old.prompt != prompt:
+            raise ValueError(
+                f"{out}: video {index} was generated from another prompt ({old.prompt[:60]!r}, now {prompt[:60]!r}); "
+                "use another directory for another prompt list"
+            )
+        if old is not None and not all(p.is_file() for p in old.paths.values()):
+            logger.warning("%s: files of video %d are missing, generating it again", out, index)
+            del done[index]
+    todo = [i for i in range(len(prompts)) if i not in done]
+    logger.info("%s: %d of %d videos to generate", out, len(todo), len(prompts))
+
+    pipe.set_progress_bar_config(disable=True)
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), disable=not progress
+    )
+    with bar:
+        video_task = bar.add_task("videos", total=len(prompts), completed=len(prompts) - len(todo))
+        step_task = bar.add_task("steps", total=protocol.steps)
+
+        def step_done() -> None:
+            bar.advance(step_task)
+            if on_step is not None:
+                on_step()
+
+        for index in todo:
+            bar.reset(step_task)
+            done[index] = _generate_one(pipe, prompts[index], index, protocol, out, step_done)
+            _write_json(out / PROMPTS_FILE, {r.paths["mp4"].name: r.prompt for r in done.values()})
+            bar.advance(video_task)
+    return [done[i] for i in range(len(prompts))]
+
+
+def _generate_one(
+    pipe, prompt: str, index: int, protocol: Protocol, out: Path, on_step: Callable[[], None]
+) -> VideoRecord:
+    name = video_name(prompt)
+    seed = protocol.seed_for(index)
+    logger.info("video %d (seed %d): %s", index, seed, prompt[:80])
+    frames, latents, timer, memory = run_pipeline(pipe, prompt, protocol, seed, on_step)
+    paths = _paths(out, name, index)
+    with _atomic(paths["frames"]) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, frames=frames)
+    with _atomic(paths["latents"]) as tmp:
+        save_file({"latents": latents}, str(tmp), metadata={"protocol_fingerprint": protocol.fingerprint()})
+    with _atomic(paths["mp4"]) as tmp:
+        write_mp4(tmp, frames, protocol.fps)
+    sidecar = {
+        "kind": SIDECAR_KIND,
+        "vidquant_version": __version__,
+        "protocol_fingerprint": protocol.fingerprint(),
+        "protocol": protocol.model_dump(mode="json"),
+        "index": index,
+        "prompt": prompt,
+        "name": name,
+        "seed": seed,
+        "seconds_per_step": timer.seconds_per_step,
+        "step_seconds": timer.step_seconds,
+        "peak_memory_bytes": memory.bytes,
+        "peak_memory_kind": memory.kind,
+        "files": {key: path.name for key, path in paths.items() if key != "sidecar"},
+    }
+    _write_json(paths["sidecar"], sidecar)
+    return _record(sidecar, paths)
+
+
+def run_pipeline(
+    pipe, prompt: str, protocol: Protocol, seed: int, on_step: Callable[[], None] | None = None
+) -> tuple[np.ndarray, torch.Tensor, StepTimer, PeakMemory]:
+    """One pipeline call under the protocol: uint8 frames (T, H, W, 3), final latents, step timer, peak memory.
+
+    The latents are read in ``callback_on_step_end``, which returns the pipeline's tensors untouched, so
+    the frames are those of a plain call (a test holds them equal); decoding ourselves from
+    ``output_type="latent"`` would duplicate the pipeline's VAE code.
+    """
+    device = pipe._execution_device
+    timer = StepTimer(device)
+    captured: dict[str, torch.Tensor] = {}
+
+    def step_end(_pipe, _i, _t, callback_kwargs):
+        timer.mark()
+        captured["latents"] = callback_kwargs["latents"]
+        if on_step is not None:
+            on_step()
+        return callback_kwargs
+
+    with peak_memory(device) as memory:
+        timer.start()
+        video = pipe(
+            **protocol.call_kwargs(pipe, prompt, seed),
+            output_type="np",
+            callback_on_step_end=step_end,
+            callback_on_step_end_tensor_inputs=["latents"],
+        ).frames[0]
+    frames = to_uint8(video)
+    expected = (protocol.frames, protocol.height, protocol.width, 3)
+    if frames.shape != expected:
+        raise RuntimeError(f"the pipeline returned frames of shape {frames.shape}, the protocol asks for {expected}")
+    return frames, captured["latents"].detach().to("cpu", copy=True).contiguous(), timer, memory
+
+
+def to_uint8(video: np.ndarray) -> np.ndarray:
+    """Pipeline float frames in [0, 1] to uint8, rounded to nearest (as diffusers' ``numpy_to_pil``)."""
+    return np.clip(np.round(np.asarray(video, dtype=np.float32) * 255), 0, 255).astype(np.uint8)
+
+
+def write_mp4(path: str | Path, frames: np.ndarray, fps: int) -> None:
+    """H.264 at CRF 12; yuv420p (what every player and VBench's own videos use) when both sides are even,
+    yuv444p otherwise (4:2:0 needs even sizes; padding would change the size VBench sees).
+
+    The container is forced to mp4, so ``path`` may be a temporary name without the extension.
+    """
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    _, height, width, _ = frames.shape
+    writer = imageio_ffmpeg.write_frames(
+        str(path),
+        (width, height),
+        fps=fps,
+        codec="libx264",
+        pix_fmt_out="yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p",
+        quality=None,
+        macro_block_size=1,
+        ffmpeg_log_level="error",
+        output_params=["-crf", str(MP4_CRF), "-f", "mp4"],
+    )
+    writer.send(None)
+    for frame in frames:
+        writer.send(np.ascontiguousarray(frame))
+    writer.close()
+
+
+def load_frames(record: VideoRecord) -> np.ndarray:
+    """The exact uint8 frames (T, H, W, 3) of a record."""
+    with np.load(record.paths["frames"]) as data:
+        return data["frames"]
+
+
+def load_latents(record: VideoRecord) -> torch.Tensor:
+    """The final denoised latents of a record (batch 1, channels, latent frames, height, width)."""
+    return load_file(str(record.paths["latents"]))["latents"]
+
+
+def load_records(directory: str | Path) -> list[VideoRecord]:
+    """Every complete video in ``directory`` (those with a sidecar), by index."""
+    directory = Path(directory)
+    records = []
+    for path in sorted(directory.glob("*.json")):
+        if not _SIDECAR.search(path.name):
+            continue
+        try:
+            sidecar = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: unreadable sidecar ({err})") from err
+        if isinstance(sidecar, dict) and sidecar.get("kind") == SIDECAR_KIND:
+            records.append(_record(sidecar, _paths(directory, sidecar["name"], sidecar["index"])))
+    indices = [r.index for r in records]
+    duplicated = sorted({i for i in indices if indices.count(i) > 1})
+    if duplicated:
+        raise ValueError(f"{directory}: several videos for prompt index {duplicated}; keep one prompt list a directory")
+    return sorted(records, key=lambda r: r.index)
+
+
+def check_pair(bf16_dir: str | Path, quant_dir: str | Path) -> list[tuple[VideoRecord, VideoRecord]]:
+    """The (reference, quantized) record pairs of two video sets, or a ValueError saying why they do not match.
+
+    Cheap (reads sidecars only), so the report stage calls it before any long work: both sets must hold
+    the same prompts at the same indices, made under the same protocol, with every file present.
+    """
+    sets = {}
+    for role, directory in (("reference (BF16)", Path(bf16_dir)), ("quantized", Path(quant_dir))):
+        if not directory.is_dir():
+            raise ValueError(f"{role} video directory {directory} does not exist")
+        records = load_records(directory)
+        if not records:
+            raise ValueError(f"{role} video directory {directory} holds no generated videos")
+        missing = [str(p) for r in records for p in r.paths.values() if not p.is_file()]
+        if missing:
+            raise ValueError(f"{role} videos in {directory} have missing files: {', '.join(missing[:5])}")
+        sets[role] = {r.index: r for r in records}
+    ref, test = sets.values()
+    fingerprints = {r.fingerprint for r in ref.values()} | {r.fingerprint for r in test.values()}
+    if len(fingerprints) > 1:
+        diff = _protocol_diff(Path(bf16_dir), Path(quant_dir))
+        raise ValueError(f"{bf16_dir} and {quant_dir} were generated under different protocols: {diff}")
+    no_reference = sorted(set(test) - set(ref))
+    if no_reference:
+        names = ", ".join(test[i].paths["mp4"].name for i in no_reference[:5])
+        raise ValueError(f"{bf16_dir} lacks the reference videos for {len(no_reference)} quantized videos: {names}")
+    no_test = sorted(set(ref) - set(test))
+    if no_test:
+        names = ", ".join(ref[i].paths["mp4"].name for i in no_test[:5])
+        raise ValueError(f"{quant_dir} lacks {len(no_test)} videos that {bf16_dir} has: {names}")
+    differ = [i for i in ref if ref[i].prompt != test[i].prompt]
+    if differ:
+        i = differ[0]
+        raise ValueError(
+            f"{bf16_dir} and {quant_dir} have different prompt lists ({len(differ)} differ; "
+            f"prompt {i}: {ref[i].prompt[:60]!r} vs {test[i].prompt[:60]!r})"
+        )
+    return [(ref[i], test[i]) for i in sorted(ref)]
+
+
+def _protocol_diff(a: Path, b: Path) -> str:
+    protocols = [json.loads(next(iter(load_records(d))).paths["sidecar"].read_text())["protocol"] for d in (a, b)]
+    keys = [k for k in protocols[0] if protocols[0].get(k) != protocols[1].get(k)]
+    return ", ".join(f"{k} {protocols[0].get(k)} vs {protocols[1].get(k)}" for k in keys) or "fingerprints differ"
+
+
+def _claim(out: Path, protocol: Protocol, records: list[VideoRecord]) -> None:
+    """Record the directory's protocol, or refuse one made under another protocol."""
+    fingerprint = protocol.fingerprint()
+    file = out / PROTOCOL_FILE
+    stored = {json.loads(file.read_text())["fingerprint"]} if file.is_file() else set()
+    stored |= {r.fingerprint for r in records}
+    if stored - {fingerprint}:
+        raise ValueError(
+            f"{out}: holds videos generated under another protocol than {protocol.model_dump()}; "
+            "use another directory or delete it"
+        )
+    if not file.is_file():
+        _write_json(file, {"fingerprint": fingerprint, "protocol": protocol.model_dump(mode="json")})
+
+
+def _paths(out: Path, name: str, index: int) -> dict[str, Path]:
+    return {key: out / f"{name}-{index}{suffix}" for key, suffix in SUFFIXES.items()}
+
+
+def _record(sidecar: dict, paths: dict[str, Path]) -> VideoRecord:
+    return VideoRecord(
+        index=sidecar["index"],
+        prompt=sidecar["prompt"],
+        name=sidecar["name"],
+        paths=paths,
+        seconds_per_step=sidecar["seconds_per_step"],
+        peak_memory_bytes=sidecar["peak_memory_bytes"],
+        seed=sidecar["seed"],
+        fingerprint=sidecar["protocol_fingerprint"],
+    )
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """A temporary path next to ``path``, renamed onto it when the block succeeds.
+
+    The temporary name does not end in .mp4, so VBench never picks up a half-written video.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with _atomic(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,181 @@
+"""The main job: calibrate -> quantize -> generate BF16 and quantized -> evaluate -> report.
+
+Each stage writes its artifact under ``out`` and reuses it when it is already there (statistics resume,
+a state made by the same recipe is loaded, videos already generated under the same protocol are
+skipped), so a rerun after an interruption continues where it stopped:
+
+    out/stats/  out/state/  out/videos/bf16/  out/videos/quantized/  out/report/report.html
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .calib.calibrate import CalibSettings, calibrate
+from .calib.capture import capture_inputs
+from .calib.stats import TOKEN_BUCKETS, TOKEN_MIN_EXP, CalibStats
+from .eval import metrics
+from .eval.generate import check_pair, generate_videos, load_frames
+from .eval.probes import weight_bytes
+from .eval.protocol import Protocol
+from .eval.report import ActivationTail, Metric, PromptResult, ReportData, write_report
+from .eval.vbench import run_vbench, vbench_status
+from .methods.fidelity import layer_fidelity
+from .ptq import quantize
+from .recipes import Recipe
+from .state import PTQState, apply, load_state
+
+logger = logging.getLogger(__name__)
+
+# metrics.TEMPORAL keys -> report names: the proxies must not pass for VBench's own dimensions
+REPORT_NAME = {"temporal_flickering": "temporal_flickering", "motion_smoothness": "motion_smoothness_proxy",
+               "subject_consistency": "subject_consistency_proxy"}
+SQNR_KEY = {"none": "rtn_db", "max": "max_db", "percentile": "pct_db"}
+
+
+@dataclass
+class Job:
+    """What `run` needs besides the pipeline: prompts, protocol, calibration settings, where to write."""
+
+    recipe: Recipe
+    calib_prompts: list[str]
+    eval_prompts: list[str]
+    protocol: Protocol
+    calib: CalibSettings
+    out: Path
+    model: str = "tiny"
+    vbench: bool = True
+    fidelity_prompts: int = 1  # held-out evaluation prompts whose layer inputs score per-layer SQNR (0: skip)
+
+
+def run(pipe, job: Job, *, progress: bool = True) -> Path:
+    """Run every stage (reusing artifacts); return the path of report.html."""
+    _check_writable(job.out)
+    stats = None
+    if job.recipe.smoothing.statistic != "none":
+        stats = calibrate(pipe, job.calib_prompts, job.calib, job.out / "stats", progress=progress)
+    state = _state(pipe, job, stats)
+    sqnr = _fidelity(pipe, job, stats) if stats is not None and job.fidelity_prompts else []
+    bf16_bytes = weight_bytes(pipe)
+    bf16 = generate_videos(pipe, job.eval_prompts, job.protocol, job.out / "videos" / "bf16", progress=progress)
+    apply(pipe, state)
+    quant_bytes = weight_bytes(pipe)
+    generate_videos(pipe, job.eval_prompts, job.protocol, job.out / "videos" / "quantized", progress=progress)
+    pairs = check_pair(job.out / "videos" / "bf16", job.out / "videos" / "quantized")
+    rows = [metrics.compare_videos(ref, test) for ref, test in pairs]
+    summary = metrics.summarize(rows)
+    mean = summary["mean"]
+    table = [
+        Metric("psnr", None, mean["psnr"], unit="dB"),
+        Metric("ssim", None, mean["ssim"]),
+        Metric("latent_rel_err", None, mean["latent_rel_error"], higher_is_better=False),
+        *[Metric(REPORT_NAME[n], mean[f"{n}_ref"], mean[f"{n}_test"]) for n in metrics.TEMPORAL],
+        Metric("weight_bytes", bf16_bytes.bf16, quant_bytes.stored, group="cost", higher_is_better=False),
+        Metric("peak_memory_bytes", _mean(r.peak_memory_bytes for r in bf16),
+               _mean(test.peak_memory_bytes for _, test in pairs), group="cost", higher_is_better=False),
+        Metric("seconds_per_step", _mean(r.seconds_per_step for r in bf16),
+               _mean(test.seconds_per_step for _, test in pairs), group="cost", higher_is_better=False),
+    ]
+    notes = []
+    available, message = vbench_status()
+    if job.vbench and available:
+        table += _vbench_metrics(job.out)
+    else:
+        notes.append(message)
+    prompts = [
+        PromptResult(
+            prompt=ref.prompt,
+            quantized={"ssim": row["ssim"], "psnr": row["psnr"],
+                       **{REPORT_NAME[n]: row[f"{n}_test"] for n in metrics.TEMPORAL}},
+            bf16={REPORT_NAME[n]: row[f"{n}_ref"] for n in metrics.TEMPORAL},
+            bf16_frames=load_frames(ref),
+            quantized_frames=load_frames(test),
+        )
+        for (ref, test), row in zip(pairs, rows, strict=True)
+    ]
+    data = ReportData(
+        metrics=table,
+        recipe=job.recipe.to_dict(),
+        protocol=job.protocol.model_dump(mode="json"),
+        model=job.model,
+        model_fingerprint=state.base.get("stats_model_fingerprint") or state.base["config_sha256"],
+        state_path=str(job.out / "state"),
+        library_version=__version__,
+        prompts=prompts,
+        sqnr=sqnr,
+        tails=_worst_tails(stats) if stats is not None else [],
+        notes=notes,
+    )
+    return write_report(job.out / "report", data)
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before any long work when ``out`` cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise ValueError(f"{out}: output folder is not writable ({err.strerror or err})") from err
+
+
+def _state(pipe, job: Job, stats: CalibStats | None) -> PTQState:
+    """The state in out/state when it was made by this recipe, else a new one (saved there)."""
+    path = job.out / "state"
+    if (path / "manifest.json").is_file():
+        state = load_state(path)
+        if state.recipe == job.recipe.to_dict():
+            logger.info("reusing the PTQ state in %s", path)
+            return state
+        logger.info("%s holds a state of another recipe: quantizing again", path)
+    state = quantize(pipe, job.recipe, stats, progress=True)
+    state.save(path)
+    return state
+
+
+def _fidelity(pipe, job: Job, stats: CalibStats) -> list[dict]:
+    """Per-layer output SQNR of the recipe's variant on held-out activations (before the state is applied).
+
+    Costs one extra BF16 generation per held-out prompt (`Job.fidelity_prompts`).
+    """
+    inputs = capture_inputs(pipe, job.eval_prompts[: job.fidelity_prompts], job.calib, max_tokens=256)
+    s = job.recipe.smoothing
+    rows = layer_fidelity(pipe, stats, inputs, job.recipe.weights, job.recipe.activations, s.alpha, s.percentile, s.eps)
+    key = SQNR_KEY[s.statistic]
+    return [{"expert": r["expert"], "layer": r["layer"], "sqnr_db": r[key]} for r in rows]
+
+
+def _worst_tails(stats: CalibStats, count: int = 4) -> list[ActivationTail]:
+    """The layer inputs whose max is furthest above their p99.9 (the tails percentile masks clip)."""
+    scored = []
+    for expert in stats.experts():
+        for name, obs in stats.inputs[expert].items():
+            absmax, p999 = stats.absmax(expert, name), stats.percentile(expert, name, 99.9)
+            ratio = float((absmax / p999.clamp(min=1e-30)).max())
+            scored.append((ratio, expert, name, absmax, p999, obs.token_absmax.sum((0, 1))))
+    scored.sort(key=lambda t: -t[0])
+    return [ActivationTail(layer=name, expert=expert, absmax=absmax.numpy(), percentile=p999.numpy(),
+                           token_counts=counts.numpy(), token_edges=_token_edges())
+            for _, expert, name, absmax, p999, counts in scored[:count]]
+
+
+def _token_edges() -> np.ndarray:
+    """Edges of the per-token absmax histogram of `calib.stats.token_buckets` (underflow and overflow open)."""
+    inner = [2.0 ** (TOKEN_MIN_EXP + j // 4) * (1 + (j % 4) / 4) for j in range(TOKEN_BUCKETS - 2)]
+    return np.array([0.0, *inner, 2.0 ** (TOKEN_MIN_EXP + (TOKEN_BUCKETS - 2) // 4), np.inf])
+
+
+def _vbench_metrics(out: Path) -> list[Metric]:
+    ref = run_vbench(out / "videos" / "bf16", out / "vbench" / "bf16")
+    test = run_vbench(out / "videos" / "quantized", out / "vbench" / "quantized")
+    return [Metric(dim, ref[dim]["mean"], test[dim]["mean"], group="vbench") for dim in ref]
+
+
+def _mean(values) -> float:
+    return float(np.mean(list(values)))

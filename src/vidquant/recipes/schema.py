@@ -1,0 +1,159 @@
+"""The recipe schema: what to quantize, to which formats, and how to build the masks (data, not code).
+
+Unknown keys are errors (``extra="forbid"``), so a typo in a YAML file cannot silently fall back to a
+default. The smoothing defaults live here only; bundled recipes inherit them instead of repeating them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vidquant import formats
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+logger = logging.getLogger(__name__)
+
+# Defaults of the mask construction m_i = w_i^alpha / (a_i + eps)^(1 - alpha) (paper Eq. 8), a_i the
+# per-channel p-th percentile of |x| (Eq. 6). Chosen by the hyper-parameter search: update them here.
+DEFAULT_PERCENTILE = 99.9
+DEFAULT_ALPHA = 0.5
+DEFAULT_EPS = 1e-5
+
+REGEX_PREFIX = "re:"
+_BUNDLED = resources.files("vidquant.recipes")  # the bundled *.yaml recipes sit next to this module
+
+
+class Smoothing(BaseModel):
+    """SmoothQuant-style channel balancing: the activation statistic a_i and the mask's alpha / eps.
+
+    ``statistic``: "percentile" (Eq. 6, the paper's tail-aware variant), "max" (Eq. 5, the conservative
+    one) or "none" (no mask: plain round-to-nearest).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    statistic: Literal["none", "max", "percentile"] = "percentile"
+    percentile: float = Field(DEFAULT_PERCENTILE, ge=90.0, le=100.0)
+    alpha: float = Field(DEFAULT_ALPHA, ge=0.0, le=1.0)
+    eps: float = Field(DEFAULT_EPS, gt=0.0)
+
+
+class Recipe(BaseModel):
+    """A quantization recipe; layer rules are patterns over qualified names ``"{expert}.{layer}"``.
+
+    Patterns are shell patterns matched against the whole name (``fnmatch.fnmatchcase``; ``*`` crosses
+    dots) or, with the ``re:`` prefix, regular expressions that must match the whole name.
+    ``protect_blocks`` keeps whole blocks in high precision in every expert (negative indices count from
+    the end); ``max_protected_blocks`` caps the (expert, block) pairs that this protects over all experts.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    method: Literal["smoothquant"] = "smoothquant"
+    weights: str
+    activations: str | None
+    include: list[str] = ["*"]
+    protect: list[str] = []
+    protect_blocks: list[int] = []
+    max_protected_blocks: int | None = Field(None, ge=0)
+    smoothing: Smoothing = Smoothing()
+    act_clip: float | None = Field(None, gt=0.0, le=1.0)
+
+    @field_validator("weights", "activations")
+    @classmethod
+    def _known_format(cls, name: str | None) -> str | None:
+        if name is not None and name not in formats.names():
+            raise ValueError(f"unknown format '{name}'; known formats: {', '.join(formats.names())}")
+        return name
+
+    @field_validator("include", "protect")
+    @classmethod
+    def _valid_patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if not pattern:
+                raise ValueError("empty pattern")
+            if pattern.startswith(REGEX_PREFIX):
+                try:
+                    re.compile(pattern[len(REGEX_PREFIX) :])
+                except re.error as err:
+                    raise ValueError(f"invalid regular expression in '{pattern}': {err}") from None
+        return patterns
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (for manifests); ``Recipe.model_validate`` turns it back into the recipe."""
+        return self.model_dump(mode="json")
+
+
+def recipe_names() -> list[str]:
+    """The bundled recipes (YAML files shipped in this package), by name."""
+    return sorted(entry.name.removesuffix(".yaml") for entry in _BUNDLED.iterdir() if entry.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A bundled recipe by name ("tail-aware-hif4") or a user's YAML file; errors name the file and the key.
+
+    A file without a ``name`` key takes its file name (without suffix) as the recipe's name.
+    """
+    if isinstance(name_or_path, str) and name_or_path in recipe_names():
+        source: Traversable | Path = _BUNDLED / f"{name_or_path}.yaml"
+    else:
+        source = Path(name_or_path).expanduser()
+        if not source.is_file():
+            raise ValueError(f"{name_or_path}: neither a bundled recipe ({', '.join(recipe_names())}) nor a file")
+    try:
+        data = yaml.load(source.read_text(encoding="utf-8"), Loader=_StrictLoader)  # a SafeLoader
+    except yaml.YAMLError as err:
+        raise ValueError(f"{source}: invalid YAML{_yaml_problem(err)}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: a recipe must be a YAML mapping of keys to values, got {type(data).__name__}")
+    data.setdefault("name", source.name.removesuffix(".yaml").removesuffix(".yml"))
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(f"{source}: invalid recipe: " + "; ".join(_describe(e) for e in err.errors())) from None
+    logger.debug("loaded recipe '%s' from %s", recipe.name, source)
+    return recipe
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error on one line, with the position in the file."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
+        return f": {err}"
+    mark = err.problem_mark
+    context = f"{err.context}: " if err.context else ""
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {context}{err.problem}"
+
+
+def _describe(error: Any) -> str:
+    """One pydantic error as "key: what is wrong (got value)", with the key's dotted path."""
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    if error["type"] == "missing":
+        return f"missing key '{key}'"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{key}: {message} (got {error['input']!r})"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice is an error instead of silently the last value."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)

@@ -1,0 +1,149 @@
+"""Layer selection: which target Linears a recipe quantizes and which it keeps in high precision, and why.
+
+Decided from names alone, before anything changes weights (protection first, as torchao's FqnToConfig and
+quanto's include/exclude do). Names are qualified by expert: ``"{expert}.{layer}"``, for example
+``"transformer_2.blocks.3.attn1.to_q"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+from vidquant.models import wan
+from vidquant.recipes.schema import REGEX_PREFIX, Recipe
+
+logger = logging.getLogger(__name__)
+
+_BLOCK = re.compile(r"blocks\.(\d+)\.")  # target Linears are named "blocks.{i}.…" (wan.target_linears)
+
+
+@dataclass
+class Plan:
+    """What a recipe does to each Linear of each expert.
+
+    ``quantized``: qualified names to quantize, in model order. ``protected``: target Linears kept in high
+    precision, with the reason. ``boundary``: Linears outside the blocks, never quantized.
+    ``protected_blocks``: the blocks that ``protect_blocks`` resolves to, per expert.
+    """
+
+    experts: list[str]
+    quantized: list[str] = field(default_factory=list)
+    protected: dict[str, str] = field(default_factory=dict)
+    boundary: list[str] = field(default_factory=list)
+    protected_blocks: dict[str, list[int]] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Quantized / protected / boundary Linears per expert, and their "total"."""
+        groups = {"quantized": self.quantized, "protected": list(self.protected), "boundary": self.boundary}
+        result = {expert: dict.fromkeys(groups, 0) for expert in [*self.experts, "total"]}
+        for group, names in groups.items():
+            for name in names:
+                result[name.split(".", 1)[0]][group] += 1
+                result["total"][group] += 1
+        return result
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data for manifests: the fields plus `counts`."""
+        return {**asdict(self), "counts": self.counts()}
+
+    def summary(self) -> str:
+        """A few human-readable lines: counts per expert, then each protection reason with its layer count."""
+        lines = [
+            f"{expert}: {c['quantized']} quantized, {c['protected']} protected, "
+            f"{c['boundary']} boundary (high precision)"
+            for expert, c in self.counts().items()
+        ]
+        reasons: dict[str, int] = {}
+        for reason in self.protected.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        lines += [f"  {count} protected: {reason}" for reason, count in reasons.items()]
+        return "\n".join(lines)
+
+
+def plan(pipe_or_experts: Any, recipe: Recipe) -> Plan:
+    """Decide quantize / protect for every target Linear of every expert of a Wan pipeline.
+
+    ``pipe_or_experts``: a pipeline, or a mapping of expert name to expert. Reasons, first that applies:
+    "protected block i", "protect pattern '…'", "not included". Raises ValueError for a block index out of
+    range of an expert or over the ``max_protected_blocks`` budget; patterns that match nothing are logged.
+    """
+    models = dict(pipe_or_experts) if isinstance(pipe_or_experts, Mapping) else wan.experts(pipe_or_experts)
+    if not models:
+        raise ValueError(f"{type(pipe_or_experts).__name__} has no experts to quantize")
+    if dotted := [expert for expert in models if "." in expert]:
+        raise ValueError(f"expert names cannot contain '.' (they prefix qualified layer names): {dotted}")
+    result = Plan(experts=list(models))
+    targets: list[tuple[str, int]] = []
+    for expert, model in models.items():
+        layers = wan.target_linears(model)
+        blocks = [_block_index(layer) for layer in layers]
+        result.protected_blocks[expert] = _resolve_blocks(recipe.protect_blocks, expert, max(blocks, default=-1) + 1)
+        targets += [(f"{expert}.{layer}", block) for layer, block in zip(layers, blocks, strict=True)]
+        result.boundary += [f"{expert}.{layer}" for layer in wan.boundary_linears(model)]
+    _check_budget(result.protected_blocks, recipe.max_protected_blocks)
+    _warn_unmatched(recipe, [name for name, _ in targets])
+    for name, block in targets:
+        reason = _protection(name, block, result.protected_blocks[name.split(".", 1)[0]], recipe)
+        if reason is None:
+            result.quantized.append(name)
+        else:
+            result.protected[name] = reason
+    logger.info("plan for recipe '%s':\n%s", recipe.name, result.summary())
+    return result
+
+
+def matches(pattern: str, name: str) -> bool:
+    """Whether a recipe pattern (shell pattern, or ``re:`` regular expression) matches the whole ``name``."""
+    if pattern.startswith(REGEX_PREFIX):
+        return re.fullmatch(pattern[len(REGEX_PREFIX) :], name) is not None
+    return fnmatchcase(name, pattern)
+
+
+def _protection(name: str, block: int, protected_blocks: list[int], recipe: Recipe) -> str | None:
+    if block in protected_blocks:
+        return f"protected block {block}"
+    for pattern in recipe.protect:
+        if matches(pattern, name):
+            return f"protect pattern '{pattern}'"
+    if not any(matches(pattern, name) for pattern in recipe.include):
+        return "not included"
+    return None
+
+
+def _block_index(layer: str) -> int:
+    found = _BLOCK.match(layer)
+    if found is None:
+        raise ValueError(f"target Linear '{layer}' is not inside a numbered block")
+    return int(found.group(1))
+
+
+def _resolve_blocks(indices: list[int], expert: str, num_blocks: int) -> list[int]:
+    """Block indices as non-negative positions in ``expert`` (-1 = its last block)."""
+    for index in indices:
+        if not -num_blocks <= index < num_blocks:
+            raise ValueError(
+                f"protect_blocks: block {index} is out of range for expert '{expert}', which has {num_blocks} blocks"
+            )
+    return sorted({index % num_blocks for index in indices})
+
+
+def _check_budget(protected_blocks: dict[str, list[int]], budget: int | None) -> None:
+    used = sum(len(blocks) for blocks in protected_blocks.values())
+    if budget is not None and used > budget:
+        pairs = ", ".join(f"{expert} {blocks}" for expert, blocks in protected_blocks.items() if blocks)
+        raise ValueError(
+            f"protect_blocks keeps {used} (expert, block) pairs in high precision ({pairs}), "
+            f"over the budget max_protected_blocks={budget}"
+        )
+
+
+def _warn_unmatched(recipe: Recipe, names: list[str]) -> None:
+    for key in ("include", "protect"):
+        for pattern in getattr(recipe, key):
+            if not any(matches(pattern, name) for name in names):
+                logger.warning("recipe '%s': %s pattern '%s' matches no target Linear", recipe.name, key, pattern)
