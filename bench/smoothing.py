@@ -114,9 +114,14 @@ def main() -> None:
     print("  " + "   ".join(f"p{r['percentile']:g}: {r['mean_db']:.2f} ({db(r['tail_worst_db']).strip()})"
                             for r in guarded))
 
-    for name, scales in FORMATS.items():
+    for i, (name, scales) in enumerate(FORMATS.items()):
         t = time.perf_counter()
         rows = layer_fidelity(pipe, stats, inputs, name, name, alpha, p, mask_scales=scales)
+        if i == 0:
+            ratios = sorted(r["range_ratio"] for r in rows)
+            print(f"\ncalibration tails, a_max / a_p{p:g} of each layer's longest-tailed channel: median "
+                  f"{ratios[len(ratios) // 2]:.2f}, <= 2 in {sum(v <= 2 for v in ratios)}/{len(ratios)} layers, "
+                  f"> 100 in {sum(v > 100 for v in ratios)}")
         summarize(name, rows, alpha, p, time.perf_counter() - t)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 

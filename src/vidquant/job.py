@@ -146,7 +146,8 @@ def _fidelity(pipe, job: Job, stats: CalibStats) -> list[dict]:
     """
     inputs = capture_inputs(pipe, job.eval_prompts[: job.fidelity_prompts], job.calib, max_tokens=256)
     s = job.recipe.smoothing
-    rows = layer_fidelity(pipe, stats, inputs, job.recipe.weights, job.recipe.activations, s.alpha, s.percentile, s.eps)
+    rows = layer_fidelity(pipe, stats, inputs, job.recipe.weights, job.recipe.activations, s.alpha, s.percentile, s.eps,
+                          max_ratio=s.max_ratio)
     key = SQNR_KEY[s.statistic]
     return [{"expert": r["expert"], "layer": r["layer"], "sqnr_db": r[key]} for r in rows]
 

@@ -12,7 +12,7 @@ import torch
 from rich.progress import track
 
 from .calib.stats import CalibStats
-from .methods.smoothing import channel_mask, weight_channel_max
+from .methods.smoothing import activation_range, channel_mask, weight_channel_max
 from .models import wan
 from .recipes import Recipe, load_recipe, plan
 from .state import LayerState, PTQState, transformer_bytes
@@ -25,7 +25,7 @@ def quantize(pipe, recipe: Recipe | str, stats: CalibStats | None, *, progress: 
 
     Which Linears are quantized is decided first (`recipes.plan`: include / protect patterns, protected
     blocks), before any weight is touched; then each quantized Linear gets its smoothing mask (Eq. 8 of the
-    tail-aware paper, with a = the calibration max or p-th percentile of |x|).
+    tail-aware paper, with a = the calibration max or the p-th percentile of |x|, guarded by ``max_ratio``).
     """
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     smoothing = recipe.smoothing
@@ -45,8 +45,9 @@ def quantize(pipe, recipe: Recipe | str, stats: CalibStats | None, *, progress: 
         weight = experts[expert].get_submodule(layer).weight
         mask = None
         if smoothing.statistic != "none":
-            a = (stats.absmax(expert, layer) if smoothing.statistic == "max"
-                 else stats.percentile(expert, layer, smoothing.percentile))
+            tail_aware = smoothing.statistic == "percentile"
+            a = activation_range(stats, expert, layer, smoothing.percentile if tail_aware else 100.0,
+                                 smoothing.max_ratio if tail_aware else None)
             mask = channel_mask(weight_channel_max(weight), a.to(weight.device), smoothing.alpha, smoothing.eps)
         clip = None if recipe.act_clip is None else torch.tensor(recipe.act_clip, dtype=torch.float32)
         layers[name] = LayerState(recipe.weights, recipe.activations, wan.tensor_sha256(weight), mask, clip)

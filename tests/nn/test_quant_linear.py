@@ -61,10 +61,12 @@ def test_forward_is_hand_computed_quantized_linear_bit_for_bit(name: str, dtype:
     mask = wide_mask(96)
     x = heavy_input((2, 5, 96), dtype)
     fmt = formats.get(name)
-    folded = (linear.weight.detach().float() / mask).to(dtype)
-    w_hat = fmt.quantize_dequantize(folded, dim=-1)
-    assert not torch.equal(w_hat, folded)
-    expected = F.linear(fmt.quantize_dequantize(x * mask.to(dtype), dim=-1), w_hat, linear.bias)
+    # folded, scaled and quantized in fp32, then cast back once
+    folded = linear.weight.detach().float() / mask
+    w_hat = fmt.quantize_dequantize(folded, dim=-1).to(dtype)
+    assert not torch.equal(w_hat, folded.to(dtype))
+    x_hat = fmt.quantize_dequantize(x.float() * mask, dim=-1).to(dtype)
+    expected = F.linear(x_hat, w_hat, linear.bias)
     q = QuantLinear(linear, name, name, mask=mask)
     assert torch.equal(q.weight, w_hat)
     out = q(x)
@@ -145,10 +147,12 @@ def test_lowrank_branch_keeps_the_layer_and_quantizes_the_residual() -> None:
     mask, down, up = mask.float(), down.float(), up.float()
     x = x.to(torch.bfloat16)
     fmt = formats.get("hif4")
-    residual = ((linear.weight.detach().float() / mask) - up @ down).to(torch.bfloat16)
-    xm = x * mask.to(torch.bfloat16)
-    branch = (xm @ down.to(torch.bfloat16).T) @ up.to(torch.bfloat16).T
-    expected = F.linear(fmt.quantize_dequantize(xm, dim=-1), fmt.quantize_dequantize(residual), linear.bias) + branch
+    down16, up16 = down.to(torch.bfloat16), up.to(torch.bfloat16)  # the factors as the module keeps them
+    residual = (linear.weight.detach().float() / mask) - up16.float() @ down16.float()
+    w_hat = fmt.quantize_dequantize(residual).to(torch.bfloat16)  # in fp32, cast back once
+    x_hat = fmt.quantize_dequantize(x.float() * mask, dim=-1).to(torch.bfloat16)
+    branch = ((x * mask.to(torch.bfloat16)) @ down16.T) @ up16.T
+    expected = F.linear(x_hat, w_hat, linear.bias) + branch
     q = QuantLinear(linear, "hif4", "hif4", mask=mask, lowrank=(down, up))
     assert q.lowrank_down.dtype == torch.bfloat16
     assert torch.equal(q(x), expected)

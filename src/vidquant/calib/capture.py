@@ -74,7 +74,7 @@ def capture_inputs(
     max_tokens: int = 512,
     seed_offset: int = 10_000,
 ) -> dict[str, dict[str, Tensor]]:
-    """Sampled input rows ``(≤ max_tokens, in_features)`` of target Linears, per expert and layer, on the CPU.
+    """Sampled input rows ``(≤ max_tokens, in_features)`` of target Linears, per expert and layer (model order).
 
     Every prompt is generated once under ``settings`` (``num_prompts`` is ignored: all ``prompts`` run)
     with seed ``settings.seed + seed_offset + i``; ``seed_offset`` must keep these clear of the
@@ -121,11 +121,12 @@ def capture_inputs(
             handle.remove()
     out: dict[str, dict[str, Tensor]] = {}
     for expert, groups in plan.items():
-        out[expert] = {}
+        samples: dict[str, Tensor] = {}
         for picked, reservoir in groups:
             sample = reservoir.sample()
-            out[expert].update(dict.fromkeys(picked, sample))
+            samples.update(dict.fromkeys(picked, sample))
             logger.debug("%s %s: kept %d of %d rows", expert, picked[0], len(sample), reservoir.seen)
+        out[expert] = {name: samples[name] for name in wan.target_linears(experts[expert]) if name in samples}
     return out
 
 

@@ -44,6 +44,7 @@ from ..models import wan
 from .smoothing import (
     DEFAULT_EPS,
     FormatLike,
+    activation_range,
     as_format,
     channel_mask,
     energy,
@@ -109,24 +110,6 @@ class _Case:
             if tail_signal is not None:
                 on_tail.append(ratio_db(tail_signal, energy(noise[tail])))
         return sum(total) / len(total), sum(on_tail) / len(on_tail) if on_tail else math.nan
-
-
-def activation_range(
-    stats: CalibStats, expert: str, layer: str, percentile: float, max_ratio: float | None = None
-) -> Tensor:
-    """``a_i`` per input channel: the calibration max (Eq. 5) for p = 100, else the p-th percentile (Eq. 6).
-
-    ``max_ratio`` guards the percentile against channels that are silent in more than (100 - p) % of
-    tokens: ``a_i = max(a_i^p, a_i^max / max_ratio)``, so no channel's range shrinks more than that
-    factor below its calibration max (None: the plain percentile).
-    """
-    if max_ratio is not None and not max_ratio >= 1.0:
-        raise ValueError(f"max_ratio must be >= 1, got {max_ratio}")
-    a_max = stats.absmax(expert, layer)
-    if percentile == 100.0:
-        return a_max
-    a = stats.percentile(expert, layer, percentile).to(a_max.device)
-    return a if max_ratio is None else torch.maximum(a, a_max / max_ratio)
 
 
 def tail_rows(x: Tensor, a: Tensor, factor: float = TAIL_FACTOR) -> Tensor:

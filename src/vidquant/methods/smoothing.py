@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ from torch import Tensor
 
 from .. import formats
 from ..formats import Format
+
+if TYPE_CHECKING:
+    from ..calib.stats import CalibStats
 
 logger = logging.getLogger(__name__)
 
@@ -71,35 +75,61 @@ def channel_mask(w: Tensor, a: Tensor, alpha: float, eps: float = DEFAULT_EPS) -
     return m.clamp(_FP32.tiny, _FP32.max).float()
 
 
-def fold_weight(weight: Tensor, mask: Tensor | None = None, fmt: FormatLike = None) -> Tensor:
-    """Weight half of Eq. 9: ``Q_w(W diag(m)^-1)``, quantized per output row along K, in ``weight``'s dtype.
+def activation_range(
+    stats: CalibStats, expert: str, layer: str, percentile: float, max_ratio: float | None = None
+) -> Tensor:
+    """``a_i`` per input channel: the calibration max (Eq. 5) for p = 100, else the p-th percentile (Eq. 6).
 
-    The division and the quantization run in fp32 (exact for a bf16 weight), then the result is cast
-    back: HiF4 / HiF8 / MX values are exact in bf16, the float-scaled formats round once there.
+    ``max_ratio`` guards the percentile against channels that are silent in more than (100 - p) % of
+    tokens: ``a_i = max(a_i^p, a_i^max / max_ratio)``, so no channel's range shrinks more than that
+    factor below its calibration max (None: the plain percentile).
+    """
+    if max_ratio is not None and not max_ratio >= 1.0:
+        raise ValueError(f"max_ratio must be >= 1, got {max_ratio}")
+    a_max = stats.absmax(expert, layer)
+    if percentile == 100.0:
+        return a_max
+    a = stats.percentile(expert, layer, percentile).to(a_max.device)
+    return a if max_ratio is None else torch.maximum(a, a_max / max_ratio)
+
+
+def fold_weight(
+    weight: Tensor, mask: Tensor | None = None, fmt: FormatLike = None, lowrank: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    """Weight half of Eq. 9: ``Q_w(W diag(m)^-1 - up · down)``, quantized per output row along K, in ``weight``'s dtype.
+
+    ``lowrank = (down (r, K), up (N, r))`` is SVDQuant's branch, kept apart in 16 bits: only the residual is
+    quantized. The division and the quantization run in fp32 (exact for a bf16 weight), then the result is
+    cast back: HiF4 / HiF8 / MX values are exact in bf16, the float-scaled formats round once there.
     """
     fmt = as_format(fmt)
-    w = weight.detach().float()
+    w = weight.detach().to(_wide(weight.dtype))
     if mask is not None:
         w = w / mask
+    if lowrank is not None:
+        down, up = lowrank
+        w = w - up.to(w.dtype) @ down.to(w.dtype)
     if fmt is not None:
         w = fmt.quantize_dequantize(w, dim=-1)
     return w.to(weight.dtype)
 
 
-def quantize_input(x: Tensor, mask: Tensor | None = None, fmt: FormatLike = None, clip: float | None = None) -> Tensor:
+def quantize_input(
+    x: Tensor, mask: Tensor | None = None, fmt: FormatLike = None, clip: float | Tensor | None = None
+) -> Tensor:
     """Activation half of Eq. 9: ``Q_a(clip(x diag(m)))``, groups along the features of each token.
 
     ``clip`` (in (0, 1]) clamps every token to ±clip · its own max |x · m| before quantization (None:
-    no clipping). Runs in fp32 and returns ``x``'s dtype; with nothing to do it returns ``x`` itself.
+    no clipping). Runs in fp32 (or wider) and returns ``x``'s dtype; with nothing to do it returns ``x``.
     """
     fmt = as_format(fmt)
     if mask is None and fmt is None and clip is None:
         return x
-    v = x.float()
+    v = x.to(_wide(x.dtype))
     if mask is not None:
         v = v * mask
     if clip is not None:
-        if not 0.0 < clip <= 1.0:
+        if not isinstance(clip, Tensor) and not 0.0 < clip <= 1.0:  # tensors are checked by their owner
             raise ValueError(f"activation clip must be in (0, 1], got {clip}")
         bound = v.abs().amax(dim=-1, keepdim=True) * clip
         v = torch.clamp(v, -bound, bound)
@@ -122,6 +152,11 @@ def smoothed_quant_output(
     With both formats None and no clip this equals ``F.linear(x, W, b)`` up to fp rounding of ``m``.
     """
     return F.linear(quantize_input(x, mask, act_format, act_clip), fold_weight(weight, mask, weight_format), bias)
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """fp32, or the input's dtype when it is wider (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def sqnr_db(reference: Tensor, approx: Tensor) -> float:

@@ -2,8 +2,9 @@
 
 The paper's quantized linear (§III-B, §IV-B, Eq. 3/9): ``x W^T = (x diag(m)) (W diag(m)^-1)^T``. The mask
 is folded into the weight once, at construction, and the folded weight is quantized once too; a call
-only scales, clips and quantizes the activation. Weights are quantized along in_features (the reduction
-dim, per output channel), activations along the features of each token.
+only scales, clips and quantizes the activation. The arithmetic is `methods.smoothing.fold_weight` and
+`quantize_input`, the same functions every error measurement uses. Weights are quantized along
+in_features (the reduction dim, per output channel), activations along the features of each token.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from vidquant import formats
 from vidquant.formats import Format
+from vidquant.methods.smoothing import fold_weight, quantize_input
 
 logger = logging.getLogger(__name__)
 
@@ -51,46 +53,28 @@ class QuantLinear(nn.Module):
         self.timestep_bin = 0
         weight = linear.weight.detach()
         device = weight.device
-        # Fold in at least fp32 whatever the storage dtype (float64 stays float64).
-        fold_dtype = torch.promote_types(weight.dtype, torch.float32)
-        self.register_buffer("mask", None if mask is None else _check_mask(mask, self.in_features, device, fold_dtype))
+        self.register_buffer("mask", None if mask is None else _check_mask(mask, self.in_features, device))
         self.register_buffer("act_clip", None if act_clip is None else _check_clip(act_clip, device))
         down, up = (None, None) if lowrank is None else _check_lowrank(lowrank, self.in_features, self.out_features)
         self.register_buffer("lowrank_down", None if down is None else down.to(device, weight.dtype))
         self.register_buffer("lowrank_up", None if up is None else up.to(device, weight.dtype))
-        if self.mask is not None or down is not None:
-            folded = weight.to(fold_dtype)
-            if self.mask is not None:
-                folded = folded / self.mask  # W diag(m)^-1 (Eq. 3/9)
-            if down is not None:
-                folded = folded - up.to(device, fold_dtype) @ down.to(device, fold_dtype)
-            weight = folded.to(linear.weight.dtype)
-        weight_fmt = _format(weight_format, "weight_format")
-        if weight_fmt is not None:
-            weight = weight_fmt.quantize_dequantize(weight, dim=-1)
+        if self.mask is not None or down is not None or weight_format is not None:
+            lowrank_factors = None if down is None else (self.lowrank_down, self.lowrank_up)
+            weight = fold_weight(weight, self.mask, _format(weight_format, "weight_format"), lowrank_factors)
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = linear.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.mask is not None:
-            x = x * self.mask.to(x.dtype)  # x diag(m) (Eq. 3/9)
-        xq = x if self.act_clip is None else self._clip(x)
-        if self._act_fmt is not None:
-            xq = self._act_fmt.quantize_dequantize(xq, dim=-1)
-        y = F.linear(xq, self.weight, self.bias)
-        if self.lowrank_down is not None:
-            y = y + (x @ self.lowrank_down.to(x.dtype).T) @ self.lowrank_up.to(x.dtype).T
-        return y
-
-    def _clip(self, x: Tensor) -> Tensor:
-        """Clamp each token to ±ratio·(its max |x|); the low-rank branch sees the unclipped input."""
         clip = self.act_clip
-        if clip.dim() == 1:
+        if clip is not None and clip.dim() == 1:
             if not 0 <= self.timestep_bin < clip.numel():
                 raise ValueError(f"timestep_bin {self.timestep_bin} is out of range for {clip.numel()} act_clip bins")
             clip = clip[self.timestep_bin]
-        bound = (x.abs().amax(dim=-1, keepdim=True).float() * clip).to(x.dtype)
-        return x.clamp(-bound, bound)
+        y = F.linear(quantize_input(x, self.mask, self._act_fmt, clip), self.weight, self.bias)
+        if self.lowrank_down is not None:  # the branch sees the smoothed, unclipped, unquantized input
+            xm = x if self.mask is None else x * self.mask.to(x.dtype)
+            y = y + (xm @ self.lowrank_down.to(x.dtype).T) @ self.lowrank_up.to(x.dtype).T
+        return y
 
     def extra_repr(self) -> str:
         parts = [
@@ -133,7 +117,7 @@ def _format(name: str | None, what: str) -> Format | None:
         raise ValueError(f"{what}: {err}") from None
 
 
-def _check_mask(mask: Tensor, in_features: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+def _check_mask(mask: Tensor, in_features: int, device: torch.device) -> Tensor:
     if not isinstance(mask, Tensor) or not mask.is_floating_point():
         got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"mask must be a floating-point tensor, got {got}")
@@ -141,7 +125,7 @@ def _check_mask(mask: Tensor, in_features: int, device: torch.device, dtype: tor
         raise ValueError(
             f"mask must have shape ({in_features},) (one value per input channel), got {tuple(mask.shape)}"
         )
-    mask = mask.detach().to(device, dtype)
+    mask = mask.detach().to(device, torch.float32)
     if not torch.isfinite(mask).all():
         raise ValueError("mask has non-finite values (NaN or Inf)")
     if not (mask > 0).all():
