@@ -42,7 +42,7 @@ def overhead(name: str, pipe, settings: CalibSettings) -> None:
         with tempfile.TemporaryDirectory() as out:
             stats.save(out)
 
-    t_plain, t_calib = median_seconds(plain), median_seconds(calibrated)
+    t_plain, t_calib = median_seconds(plain, repeats=7), median_seconds(calibrated, repeats=7)
     print(
         f"{name:8} {settings.height}x{settings.width}x{settings.frames}, {settings.steps} steps, per prompt: "
         f"generation {t_plain:7.2f} s  calibration {t_calib:7.2f} s  overhead {t_calib / t_plain:5.2f}x  "
@@ -89,7 +89,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     footprint()
-    overhead("tiny", tiny.build_tiny_pipeline(), CalibSettings(num_prompts=1, steps=8, height=64, width=64, frames=9))
+    pipe = tiny.build_tiny_pipeline()
+    for size, frames in ((64, 9), (128, 17)):  # 48 and 320 tokens per call: fixed hook costs vs layer work
+        overhead("tiny", pipe, CalibSettings(num_prompts=1, steps=8, height=size, width=size, frames=frames))
     if not args.skip_medium:
         medium = tiny.build_medium_pipeline(dtype=torch.float32)
         overhead("medium", medium, CalibSettings(num_prompts=1, steps=2, height=64, width=64, frames=5))

@@ -6,7 +6,6 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -36,18 +35,6 @@ from vidquant.nn import QuantLinear, swap
 PROTOCOL = Protocol(height=16, width=32, frames=5, steps=2)
 LONG = "A very long prompt about a red fox " * 12
 PROMPTS = ["A red car drives down a wet city street at night.", "AC/DC on stage, smoke\nand lights", LONG]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: threads only add overhead, and OpenMP spin-waits badly when the CPU is shared.
-
-    Module scope, so it is in force before the module's video-set fixtures run.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
