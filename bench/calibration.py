@@ -17,7 +17,7 @@ import time
 from types import SimpleNamespace
 
 import torch
-from timing import median_seconds
+from timing import median_seconds_ab
 
 from vidquant.calib.calibrate import CalibSettings, generate, new_stats
 from vidquant.calib.collector import collecting
@@ -42,7 +42,7 @@ def overhead(name: str, pipe, settings: CalibSettings) -> None:
         with tempfile.TemporaryDirectory() as out:
             stats.save(out)
 
-    t_plain, t_calib = median_seconds(plain, repeats=7), median_seconds(calibrated, repeats=7)
+    t_plain, t_calib = median_seconds_ab(plain, calibrated)
     print(
         f"{name:8} {settings.height}x{settings.width}x{settings.frames}, {settings.steps} steps, per prompt: "
         f"generation {t_plain:7.2f} s  calibration {t_calib:7.2f} s  overhead {t_calib / t_plain:5.2f}x  "

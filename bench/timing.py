@@ -16,3 +16,15 @@ def median_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def median_seconds_ab(a: Callable[[], object], b: Callable[[], object], repeats: int = 9) -> tuple[float, float]:
+    """Median wall times of ``a`` and ``b`` timed in alternation, so that drifting machine load hits both."""
+    a(), b()
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        for fn, times in ((a, times_a), (b, times_b)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times_a), statistics.median(times_b)

@@ -182,7 +182,7 @@ def inspect_cmd(path: Path = typer.Argument(..., help="A statistics or PTQ state
                     expert,
                     ",".join(obs.layers),
                     int(obs.tokens.sum()),
-                    int(obs.nonfinite.sum()),
+                    obs.nonfinite,
                     amax.max().item(),
                     p999.max().item(),
                 )

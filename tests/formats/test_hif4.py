@@ -202,10 +202,11 @@ def test_properties(values: np.ndarray) -> None:
     y = FMT.quantize_dequantize(x)
     # sign symmetry, bit for bit
     assert_bits_equal(FMT.quantize_dequantize(-x), -y)
-    # error bound: within a unit, at most 1/8 of its max magnitude (E6M2 rounding + element rounding)
+    # error bound: within a unit, at most 1/8 of its max magnitude (E6M2 rounding + element rounding), plus
+    # half the smallest step 2^-50 (0.25 x the smallest scale 2^-48) for units below the scale's range
     xp = torch.nn.functional.pad(x.float(), (0, -x.shape[1] % 64)).reshape(-1, 64)
     yp = torch.nn.functional.pad(y.float(), (0, -x.shape[1] % 64)).reshape(-1, 64)
-    assert ((yp - xp).abs() <= 0.13 * xp.abs().amax(1, keepdim=True)).all()
+    assert ((yp - xp).abs() <= 0.13 * xp.abs().amax(1, keepdim=True) + 2.0**-51).all()
     # the element rounding is a projection: dequantized values re-round to themselves
     enc = FMT.encode(x)
     s = hif4.scale_value(enc.meta["scale"]).unsqueeze(-1)

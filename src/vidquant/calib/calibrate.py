@@ -150,7 +150,7 @@ def _all_reduce(stats: CalibStats) -> CalibStats:
     for observers in stats.inputs.values():
         for obs in observers.values():
             dist.all_reduce(obs.absmax, dist.ReduceOp.MAX)
-            for t in (obs.tokens, obs.nonfinite, obs.token_absmax):
+            for t in (obs.tokens, obs.token_absmax):
                 dist.all_reduce(t, dist.ReduceOp.SUM)
             obs.tails = [_all_reduce_tail(h) for h in obs.tails]
     return stats
@@ -174,7 +174,7 @@ def _all_reduce_tail(h: histogram.TailHistogram) -> histogram.TailHistogram:
 def _report_nonfinite(stats: CalibStats) -> None:
     for expert, observers in stats.inputs.items():
         for obs in observers.values():
-            bad = int(obs.nonfinite.sum())
+            bad = obs.nonfinite
             if bad:
                 logger.warning(
                     "%s %s: %d NaN/Inf activation values seen and excluded from the statistics",

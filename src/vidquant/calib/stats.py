@@ -15,11 +15,14 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numba
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..formats.base import use_cpu_kernels
 from . import histogram
 from .histogram import TailHistogram
 
@@ -39,16 +42,15 @@ TAIL_KEYS = ("total", "bin_branch")
 class InputStats:
     """Statistics of one distinct input of one expert (shared by e.g. self-attention q/k/v).
 
-    ``absmax`` (bins, 2, C) over finite values; ``tokens`` (bins, 2) rows seen; ``nonfinite`` (bins, 2)
-    NaN/Inf values seen (excluded everywhere else); ``token_absmax`` (bins, 2, TOKEN_BUCKETS) counts of
-    per-token absmax; ``tails`` one per-channel tail histogram of |x| for the totals, or one per
-    (bin, branch) when the statistics keep them by key (``tail_keys="bin_branch"``).
+    ``absmax`` (bins, 2, C) over finite values; ``tokens`` (bins, 2) rows seen; ``token_absmax``
+    (bins, 2, TOKEN_BUCKETS) counts of per-token absmax; ``tails`` one per-channel tail histogram of |x|
+    for the totals, or one per (bin, branch) when the statistics keep them by key
+    (``tail_keys="bin_branch"``); the tails also count the NaN/Inf values, which everything else excludes.
     """
 
     layers: list[str]
     absmax: Tensor
     tokens: Tensor
-    nonfinite: Tensor
     token_absmax: Tensor
     tails: list[TailHistogram] = field(default_factory=list)
 
@@ -59,10 +61,14 @@ class InputStats:
             layers=layers,
             absmax=torch.zeros(bins, len(BRANCHES), channels, device=device),
             tokens=torch.zeros(bins, len(BRANCHES), dtype=torch.int64, device=device),
-            nonfinite=torch.zeros(bins, len(BRANCHES), dtype=torch.int64, device=device),
             token_absmax=torch.zeros(bins, len(BRANCHES), TOKEN_BUCKETS, dtype=torch.int64, device=device),
             tails=[histogram.empty(channels, device=device) for _ in range(n_tails)],
         )
+
+    @property
+    def nonfinite(self) -> int:
+        """NaN/Inf values seen (the tail histograms count them per channel and exclude them elsewhere)."""
+        return int(sum(int(t.nonfinite.sum()) for t in self.tails))
 
     @property
     def channels(self) -> int:
@@ -75,19 +81,21 @@ class InputStats:
         """
         x = x.detach().reshape(-1, x.shape[-1])
         tail = self.tails[0] if len(self.tails) == 1 else self.tails[bin_ * len(BRANCHES) + branch]
-        before = tail.nonfinite.sum()
         histogram.update(tail, x)
-        self.nonfinite[bin_, branch] += tail.nonfinite.sum() - before
+        absmax, tokens = self.absmax[bin_, branch], self.tokens[bin_, branch]
+        token_absmax = self.token_absmax[bin_, branch]
+        if x.dtype == torch.float32 and use_cpu_kernels(x):  # one pass instead of ~10 small torch ops
+            _key_update(x.contiguous().numpy(), absmax.numpy(), tokens.view(1).numpy(), token_absmax.numpy())
+            return
         a = x.abs().nan_to_num_(nan=0.0, posinf=0.0)
-        self.absmax[bin_, branch] = torch.maximum(self.absmax[bin_, branch], a.amax(0).float())
-        self.tokens[bin_, branch] += a.shape[0]
-        self.token_absmax[bin_, branch] += token_buckets(a.amax(1).float())
+        torch.maximum(absmax, a.amax(0).float(), out=absmax)
+        tokens += a.shape[0]
+        token_absmax += token_buckets(a.amax(1).float())
 
     def merge_(self, other: InputStats) -> None:
         """Fold ``other`` (same layout) into this one, exactly."""
         self.absmax = torch.maximum(self.absmax, other.absmax)
         self.tokens += other.tokens
-        self.nonfinite += other.nonfinite
         self.token_absmax += other.token_absmax
         self.tails = [histogram.merge(a, b) for a, b in zip(self.tails, other.tails, strict=True)]
 
@@ -115,7 +123,6 @@ class InputStats:
         out = {
             f"{prefix}/absmax": self.absmax,
             f"{prefix}/tokens": self.tokens,
-            f"{prefix}/nonfinite": self.nonfinite,
             f"{prefix}/token_absmax": self.token_absmax,
         }
         for i, tail in enumerate(self.tails):
@@ -129,7 +136,6 @@ class InputStats:
             layers,
             tensors[f"{prefix}/absmax"],
             tensors[f"{prefix}/tokens"],
-            tensors[f"{prefix}/nonfinite"],
             tensors[f"{prefix}/token_absmax"],
             tails,
         )
@@ -144,6 +150,23 @@ def token_buckets(token_absmax: Tensor) -> Tensor:
     ids = token_absmax.view(torch.int32) >> (23 - 2)
     ids = (ids - ((127 + TOKEN_MIN_EXP) << 2) + 1).clamp_(0, TOKEN_BUCKETS - 1)
     return torch.bincount(ids, minlength=TOKEN_BUCKETS)
+
+
+@numba.njit(cache=True)
+def _key_update(x, absmax, tokens, token_absmax):
+    """`InputStats.update`'s per-key statistics of fp32 rows ``x`` (R, C), fused: the same results as the
+    torch ops (max of the finite |x| per channel, one `token_buckets` count per row, the row count)."""
+    inf = np.float32(np.inf)
+    for i in range(x.shape[0]):
+        peak = np.float32(0)
+        for j in range(x.shape[1]):
+            v = abs(x[i, j])
+            if v < inf:  # NaN and Inf are excluded
+                absmax[j] = max(absmax[j], v)
+                peak = max(peak, v)
+        bucket = np.int64(np.float32(peak).view(np.int32) >> 21) - ((127 + TOKEN_MIN_EXP) << 2) + 1
+        token_absmax[min(max(bucket, 0), TOKEN_BUCKETS - 1)] += 1
+    tokens[0] += x.shape[0]
 
 
 @dataclass
