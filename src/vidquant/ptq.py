@@ -12,10 +12,11 @@ import torch
 from rich.progress import track
 
 from .calib.stats import CalibStats
+from .eval.probes import weight_bytes
 from .methods.smoothing import activation_range, channel_mask, weight_channel_max
 from .models import wan
 from .recipes import Recipe, load_recipe, plan
-from .state import LayerState, PTQState, transformer_bytes
+from .state import LayerState, PTQState
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,6 @@ def quantize(pipe, recipe: Recipe | str, stats: CalibStats | None, *, progress: 
     base = {
         "config_sha256": wan.config_fingerprint(pipe),
         "stats_model_fingerprint": None if stats is None else stats.meta["model_fingerprint"],
-        "transformer_bf16_bytes": transformer_bytes(pipe),
+        "transformer_bf16_bytes": weight_bytes(pipe).bf16,
     }
     return PTQState(layers, recipe.to_dict(), base, the_plan.to_dict())

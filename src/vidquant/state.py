@@ -18,7 +18,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -162,12 +161,6 @@ def apply(pipe, state: PTQState) -> None:
             mask=None if layer.mask is None else layer.mask.to(device),
             act_clip=None if layer.act_clip is None else layer.act_clip.to(device)))
     logger.info("applied a PTQ state: %d Linears quantized", len(targets))
-
-
-def transformer_bytes(pipe, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes of all expert weights stored in ``dtype`` (the BF16 reference a state is measured against)."""
-    size = torch.finfo(dtype).bits // 8
-    return sum(p.numel() * size for model in wan.experts(pipe).values() for p in model.parameters())
 
 
 def _submodule(model: nn.Module | None, name: str) -> nn.Module | None:
