@@ -125,14 +125,6 @@ def test_matches_the_oracle(name: str, dtype: torch.dtype) -> None:
 
 # ---- properties ------------------------------------------------------------------------------------
 @st.composite
-def wide(draw: st.DrawFn, name: str) -> torch.Tensor:
-    dtype = draw(st.sampled_from(DTYPES))
-    limit = 60000.0 if dtype == torch.float16 else 4e5 if name in GROUPED else float(f32(1e38))
-    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 140)))
-    return torch.from_numpy(draw(arrays(f32, shape, elements=st.floats(-limit, limit, width=32)))).to(dtype)
-
-
-@st.composite
 def tame(draw: st.DrawFn, name: str) -> torch.Tensor:
     """Values 0 or +-[1, 256) times one power of two that keeps fp16 group scales normal and finite."""
     dtype = draw(st.sampled_from(DTYPES))
@@ -142,22 +134,6 @@ def tame(draw: st.DrawFn, name: str) -> torch.Tensor:
     values = draw(arrays(f32, shape, elements=magnitude)) * sign
     lo, hi = (-6, 6) if dtype == torch.float16 else (-6, 10) if name in GROUPED else (-60, 60)
     return torch.from_numpy(values * f32(2.0 ** draw(st.integers(lo, hi)))).to(dtype)
-
-
-@settings(max_examples=40, deadline=None)
-@given(data=st.data(), name=st.sampled_from(NAMES))
-def test_codes_round_trip(data: st.DataObject, name: str) -> None:
-    fmt = formats.get(name)
-    x = data.draw(wide(name))
-    enc = fmt.encode(x)
-    y = fmt.quantize_dequantize(x)
-    assert_bits_equal(fmt.decode(enc), y)
-    assert torch.equal(fmt.quantize_dequantize(-x), -y)  # by value: integer grids have no -0
-    packed = fmt.pack(enc)
-    assert packed.numel() == fmt.packed_nbytes(*x.shape)
-    back = fmt.unpack(packed, tuple(x.shape), -1, x.dtype)
-    assert torch.equal(back.codes, enc.codes) and torch.equal(back.meta["scale"], enc.meta["scale"])
-    assert back.meta["scale"].dtype == enc.meta["scale"].dtype
 
 
 @settings(max_examples=40, deadline=None)
@@ -185,16 +161,10 @@ def test_grid_error_and_idempotence(data: st.DataObject, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_other_dims_and_padding(name: str) -> None:
+def test_tail_is_zero_padded(name: str) -> None:
     fmt = formats.get(name)
     g = torch.Generator().manual_seed(9)
     x = torch.randn(3, 29, 5, generator=g).to(torch.bfloat16)
-    for dim in (0, 1, -1):
-        expected = fmt.quantize_dequantize(x.movedim(dim, -1).contiguous()).movedim(-1, dim)
-        assert_bits_equal(fmt.quantize_dequantize(x, dim=dim), expected)
-        enc = fmt.encode(x, dim=dim)
-        back = fmt.unpack(fmt.pack(enc), x.shape, dim, x.dtype)
-        assert_bits_equal(fmt.decode(back), expected)
     if fmt.block_size:
         rows = x.reshape(-1, 145)
         padded = torch.nn.functional.pad(rows, (0, 192 - 145))

@@ -145,18 +145,6 @@ def test_matches_the_oracle(name: str, dtype: torch.dtype) -> None:
 
 
 # ---- properties ------------------------------------------------------------------------------------
-def _floats(dtype: torch.dtype) -> st.SearchStrategy[float]:
-    limit = 60000.0 if dtype == torch.float16 else float(f32(1e38))
-    return st.floats(-limit, limit, width=32)
-
-
-@st.composite
-def wide(draw: st.DrawFn) -> torch.Tensor:
-    dtype = draw(st.sampled_from(DTYPES))
-    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 50)))
-    return torch.from_numpy(draw(arrays(f32, shape, elements=_floats(dtype)))).to(dtype)
-
-
 @st.composite
 def tame(draw: st.DrawFn, shift: bool) -> torch.Tensor:
     """Values 0 or +-[1, 256), optionally times one power of two: every block scale is a normal E4M3."""
@@ -167,21 +155,6 @@ def tame(draw: st.DrawFn, shift: bool) -> torch.Tensor:
     values = draw(arrays(f32, shape, elements=magnitude)) * sign
     power = draw(st.integers(-6, 6) if dtype == torch.float16 else st.integers(-40, 40)) if shift else 0
     return torch.from_numpy(values * f32(2.0**power)).to(dtype)
-
-
-@settings(max_examples=60, deadline=None)
-@given(x=wide(), name=st.sampled_from(NAMES))
-def test_codes_round_trip(x: torch.Tensor, name: str) -> None:
-    fmt = formats.get(name)
-    enc = fmt.encode(x)
-    y = fmt.quantize_dequantize(x)
-    assert_bits_equal(fmt.decode(enc), y)
-    assert_bits_equal(fmt.quantize_dequantize(-x), -y)
-    data = fmt.pack(enc)
-    assert data.numel() == fmt.packed_nbytes(*x.shape)
-    back = fmt.unpack(data, tuple(x.shape), -1, x.dtype)
-    assert torch.equal(back.codes, enc.codes) and back.meta.keys() == enc.meta.keys()
-    assert all(torch.equal(back.meta[key], enc.meta[key]) for key in enc.meta)
 
 
 def _grid_and_error(x: torch.Tensor, y: torch.Tensor, meta: dict[str, torch.Tensor]) -> None:
@@ -223,16 +196,10 @@ def test_nvfp4_sim_grid_error_and_idempotence(x: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_other_dims_and_padding(name: str) -> None:
+def test_tail_is_zero_padded(name: str) -> None:
     fmt = formats.get(name)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3, 21, 5, generator=g).to(torch.bfloat16)
-    for dim in (0, 1, -1):
-        expected = fmt.quantize_dequantize(x.movedim(dim, -1).contiguous()).movedim(-1, dim)
-        assert_bits_equal(fmt.quantize_dequantize(x, dim=dim), expected)
-        enc = fmt.encode(x, dim=dim)
-        back = fmt.unpack(fmt.pack(enc), x.shape, dim, x.dtype)
-        assert_bits_equal(fmt.decode(back), expected)
     rows = x.reshape(-1, 105)
     padded = torch.nn.functional.pad(rows, (0, 112 - 105))
     assert_bits_equal(fmt.quantize_dequantize(rows), fmt.quantize_dequantize(padded)[:, :105])

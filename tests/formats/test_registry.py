@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from vidquant import formats
+from vidquant.formats import bits_equal
 
 ALL = formats.names()
 INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
@@ -62,6 +67,30 @@ def test_bad_input_is_a_clear_error(name: str) -> None:
     other = formats.get("hif8" if name != "hif8" else "hif4")
     with pytest.raises(ValueError, match="cannot decode"):
         fmt.decode(other.encode(torch.ones(4, 64)))
+
+
+def _finite(name: str, dtype: torch.dtype) -> st.SearchStrategy[float]:
+    """Any finite value the format accepts: fp16's range, and fp16 group scales (amax / qmax) must not overflow."""
+    limit = 60000.0 if dtype == torch.float16 else 4e5 if name.endswith("_g64") else float(np.float32(1e38))
+    return st.floats(-limit, limit, width=32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), name=st.sampled_from(ALL), dtype=st.sampled_from(list(INT_VIEW)))
+def test_codes_round_trip(data: st.DataObject, name: str, dtype: torch.dtype) -> None:
+    """Every format: decode(encode(x)) == qdq(x) bit for bit, sign symmetry, and pack / unpack round trips."""
+    fmt = formats.get(name)
+    shape = (data.draw(st.integers(1, 3)), data.draw(st.integers(1, 80)))
+    x = torch.from_numpy(data.draw(arrays(np.float32, shape, elements=_finite(name, dtype)))).to(dtype)
+    enc = fmt.encode(x)
+    y = fmt.quantize_dequantize(x)
+    assert bits_equal(fmt.decode(enc), y)
+    assert torch.equal(fmt.quantize_dequantize(-x), -y)  # by value: integer and HiF8 grids have no -0
+    packed = fmt.pack(enc)
+    assert packed.numel() == fmt.packed_nbytes(*x.shape)
+    back = fmt.unpack(packed, tuple(x.shape), -1, x.dtype)
+    assert torch.equal(back.codes, enc.codes) and back.meta.keys() == enc.meta.keys()
+    assert all(torch.equal(back.meta[k], enc.meta[k]) and back.meta[k].dtype == enc.meta[k].dtype for k in enc.meta)
 
 
 def test_cli_prints_the_table() -> None:
