@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from vidquant.eval import vbench
-from vidquant.eval.vbench import PAPER_DIMENSIONS, VBenchError, run_vbench, vbench_filename, vbench_status
+from vidquant.eval.generate import video_name
+from vidquant.eval.vbench import PAPER_DIMENSIONS, VBenchError, run_vbench, vbench_status
 
 # Checks the call like VBench 0.1.5's CLI would, records it, and writes {dim: [mean, [per video]]}.
 FAKE = """\
@@ -57,7 +58,7 @@ def videos(tmp_path: Path) -> Path:
     folder.mkdir()
     for prompt in ("a red fox runs through snow", "the courier, Ana, waves at the camera"):
         for i in range(2):
-            (folder / vbench_filename(prompt, i)).write_bytes(b"\x00\x00\x00\x18ftypmp42")
+            (folder / f"{video_name(prompt)}-{i}.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
     return folder
 
 
@@ -166,9 +167,10 @@ def test_unreadable_result_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_filename_round_trips_through_vbench_prompt_rule() -> None:
-    assert vbench_filename("a cat / a dog", 3) == "a cat a dog-3.mp4"
+    """VBench reads the prompt as the stem minus its trailing -index: the names generate.py writes."""
+    assert f"{video_name('a cat / a dog')}-3.mp4" == "a cat _ a dog-3.mp4"
     long = " ".join(["word"] * 100)
-    name = vbench_filename(long, 0)
+    name = f"{video_name(long)}-0.mp4"
     assert len(name.encode()) < 255 and name.endswith("word-0.mp4")
-    stem = os.path.splitext(vbench_filename("ünïcode prompt", 12))[0]
+    stem = os.path.splitext(f"{video_name('ünïcode prompt')}-12.mp4")[0]
     assert stem.rsplit("-", 1) == ["ünïcode prompt", "12"]

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..atomic import atomic_path
 from ..formats.base import use_cpu_kernels
 from . import histogram
 from .histogram import TailHistogram
@@ -91,13 +90,6 @@ class InputStats:
         torch.maximum(absmax, a.amax(0).float(), out=absmax)
         tokens += a.shape[0]
         token_absmax += token_buckets(a.amax(1).float())
-
-    def merge_(self, other: InputStats) -> None:
-        """Fold ``other`` (same layout) into this one, exactly."""
-        self.absmax = torch.maximum(self.absmax, other.absmax)
-        self.tokens += other.tokens
-        self.token_absmax += other.token_absmax
-        self.tails = [histogram.merge(a, b) for a, b in zip(self.tails, other.tails, strict=True)]
 
     def tail(self, bin_: int | None, branch: int | None) -> TailHistogram:
         """The tail histogram over the selected keys (all when None), merged exactly."""
@@ -220,11 +212,6 @@ class CalibStats:
     def tokens(self, expert: str, layer: str) -> int:
         return int(self.input_of(expert, layer).tokens.sum())
 
-    def merge_(self, other: CalibStats) -> None:
-        for expert, observers in other.inputs.items():
-            for name, obs in observers.items():
-                self.inputs[expert][name].merge_(obs)
-
     # ---- storage --------------------------------------------------------------------------------------
     def save(self, directory: str | Path, filename: str = STATS_FILE) -> None:
         """Write ``filename`` (the metadata inside its header) and a readable ``meta.json`` beside it.
@@ -240,9 +227,11 @@ class CalibStats:
                 tensors.update(obs.tensors(f"{expert}/{name}"))
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         header = json.dumps(self.meta, sort_keys=True)
-        _atomic(directory / filename, lambda tmp: save_file(tensors, tmp, metadata={"vidquant": header}))
+        with atomic_path(directory / filename) as tmp:
+            save_file(tensors, tmp, metadata={"vidquant": header})
         if filename == STATS_FILE:
-            _atomic(directory / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(self.meta, indent=1)))
+            with atomic_path(directory / META_FILE) as tmp:
+                tmp.write_text(json.dumps(self.meta, indent=1))
 
     def _expert(self, expert: str) -> dict[str, InputStats]:
         if expert not in self.inputs:
@@ -263,17 +252,6 @@ class CalibStats:
         if branch not in (0, 1):
             raise ValueError(f"CFG branch must be 0 (cond) or 1 (uncond), got {branch}")
         return branch
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_meta(path: str | Path) -> dict:

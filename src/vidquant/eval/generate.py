@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file, save_file
 
 from vidquant import __version__
+from vidquant.atomic import atomic_path
 from vidquant.eval.probes import PeakMemory, StepTimer, peak_memory
 from vidquant.eval.protocol import Protocol
 
@@ -142,11 +141,11 @@ def _generate_one(
     logger.info("video %d (seed %d): %s", index, seed, prompt[:80])
     frames, latents, timer, memory = run_pipeline(pipe, prompt, protocol, seed, on_step)
     paths = _paths(out, name, index)
-    with _atomic(paths["frames"]) as tmp, open(tmp, "wb") as f:
+    with atomic_path(paths["frames"]) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, frames=frames)
-    with _atomic(paths["latents"]) as tmp:
+    with atomic_path(paths["latents"]) as tmp:
         save_file({"latents": latents}, str(tmp), metadata={"protocol_fingerprint": protocol.fingerprint()})
-    with _atomic(paths["mp4"]) as tmp:
+    with atomic_path(paths["mp4"]) as tmp:
         write_mp4(tmp, frames, protocol.fps)
     sidecar = {
         "kind": SIDECAR_KIND,
@@ -343,20 +342,6 @@ def _record(sidecar: dict, paths: dict[str, Path]) -> VideoRecord:
     )
 
 
-@contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """A temporary path next to ``path``, renamed onto it when the block succeeds.
-
-    The temporary name does not end in .mp4, so VBench never picks up a half-written video.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_json(path: Path, data: dict) -> None:
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

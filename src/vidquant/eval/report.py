@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..atomic import atomic_path
 from . import report_plots as plots
 from .templates import page
 
@@ -181,9 +180,11 @@ def write_report(out_dir: str | Path, data: ReportData, *, max_strips: int = 32)
     out.mkdir(parents=True, exist_ok=True)
     ranking = rank_prompts(data)
     summary = summarize(data, ranking)
-    _atomic_write(out / METRICS, json.dumps(_clean(_metrics_json(data, ranking, summary)), indent=2).encode())
+    with atomic_path(out / METRICS) as tmp:
+        tmp.write_text(json.dumps(_clean(_metrics_json(data, ranking, summary)), indent=2))
     html = _render(data, ranking, summary, max_strips)
-    _atomic_write(out / REPORT, html.encode())
+    with atomic_path(out / REPORT) as tmp:
+        tmp.write_text(html, encoding="utf-8")
     logger.info("report written to %s (%.1f MiB)", out / REPORT, len(html) / 2**20)
     return out / REPORT
 
@@ -544,15 +545,3 @@ def _clean(v: Any) -> Any:
     if isinstance(v, Path):
         return str(v)
     return v
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    """Readers never see half a file: write a temporary sibling, then rename it over the target."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

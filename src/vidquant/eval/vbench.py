@@ -7,7 +7,7 @@ in a separate venv and we call its CLI (targeted: ``vbench==0.1.5``, the PyPI re
         --load_ckpt_from_local True
 
 In ``custom_input`` mode VBench takes each video's prompt from its file name (``{prompt}-{i}.mp4`` -> prompt,
-see `vbench_filename`) and writes ``OUT/results_<time>_eval_results.json`` =
+see `eval.generate.video_name`) and writes ``OUT/results_<time>_eval_results.json`` =
 ``{dimension: [aggregate, [{"video_path": ..., "video_results": score}, ...]]}``. Its CLI runs the real work in
 a child ``torch.distributed.run`` through a shell and does not pass that child's exit status on, so a missing
 result file is treated as a failure too; for the same reason the paths must be free of shell metacharacters.
@@ -55,7 +55,6 @@ CUSTOM_INPUT_DIMENSIONS = frozenset(PAPER_DIMENSIONS) | {
     "human_action",
 }
 _SHELL_SAFE = re.compile(r"^[A-Za-z0-9_./:+,=@%~-]+$")
-_MAX_NAME_BYTES = 230  # a file name holds 255 bytes; leave room for "-{i}.mp4"
 _TAIL_CHARS = 3000
 
 SETUP = f"""\
@@ -111,20 +110,6 @@ def vbench_status() -> tuple[bool, str]:
     if missing:
         return True, f"VBench found at {exe}; {ENV_CACHE}={cache} lacks: {', '.join(missing)}.\n{SETUP}"
     return True, f"VBench found at {exe}, weights in {ENV_CACHE}={cache}."
-
-
-def vbench_filename(prompt: str, index: int) -> str:
-    """The file name VBench's custom-input mode reads `prompt` back from: ``{prompt}-{index}.mp4``.
-
-    Path separators become spaces, and a long prompt is cut at a word boundary so the name fits a file system
-    (VBench's CLIP tokenizer stops at 77 tokens anyway).
-    """
-    text = " ".join(prompt.replace("/", " ").replace("\\", " ").replace("\0", " ").split()) or "video"
-    data = text.encode()
-    if len(data) > _MAX_NAME_BYTES:
-        cut = data[:_MAX_NAME_BYTES].decode(errors="ignore")
-        text = cut.rsplit(" ", 1)[0] if " " in cut else cut
-    return f"{text}-{index}.mp4"
 
 
 def run_vbench(
