@@ -114,15 +114,30 @@ def quantize_cmd(
     stats: Path | None = typer.Option(None, help="Statistics from `vidquant calibrate` (needed for smoothing)."),
     recipe: str = typer.Option("tail-aware-hif4", help="A bundled recipe name or a YAML file."),
     i2v: bool = typer.Option(False, "--i2v", help="Image-to-video (with 'tiny')."),
+    prompts: Path | None = typer.Option(
+        None, help="svdquant-gptq: the calibration prompts the statistics were made from (default: bundled)."
+    ),
+    hessian_budget_gb: float = typer.Option(16.0, min=0.001, help="svdquant-gptq: fp32 Hessians held at once."),
 ) -> None:
-    """Turn calibration statistics and a recipe into a compact PTQ state."""
+    """Turn calibration statistics and a recipe into a compact PTQ state.
+
+    svdquant-gptq runs the pipeline again on the calibration prompts (the statistics' protocol) for each
+    layer's Hessian and per-timestep-bin inputs; finished layers are kept in OUT.partial for a rerun.
+    """
+    import shutil
+
+    from .calib.prompts import load_prompts
     from .calib.stats import load_stats
     from .ptq import quantize
 
+    partial = out.with_name(out.name + ".partial")
     try:
         pipe = _load_model(model, i2v)
-        state = quantize(pipe, recipe, load_stats(stats) if stats else None, progress=True)
+        state = quantize(pipe, recipe, load_stats(stats) if stats else None, progress=True,
+                         prompts=load_prompts(prompts) if prompts else None, checkpoint=partial,
+                         hessian_budget_gb=hessian_budget_gb)
         state.save(out)
+        shutil.rmtree(partial, ignore_errors=True)
     except ValueError as err:
         _fail(str(err))
     _print_state(out)

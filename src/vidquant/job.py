@@ -10,6 +10,7 @@ skipped), so a rerun after an interruption continues where it stopped:
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 
 from . import __version__
 from .calib.calibrate import CalibSettings, calibrate
-from .calib.capture import capture_inputs
+from .calib.layer_inputs import collect_layer_inputs
 from .calib.stats import TOKEN_BUCKETS, TOKEN_MIN_EXP, CalibStats
 from .eval import metrics
 from .eval.generate import check_pair, generate_videos, load_frames
@@ -26,17 +27,18 @@ from .eval.probes import weight_bytes
 from .eval.protocol import Protocol
 from .eval.report import ActivationTail, Metric, PromptResult, ReportData, write_report
 from .eval.vbench import run_vbench, vbench_status
-from .methods.fidelity import layer_fidelity
+from .methods.fidelity import binned_sqnr
+from .models import wan
 from .ptq import quantize
 from .recipes import Recipe
-from .state import PTQState, apply, load_state
+from .state import PTQState, apply, load_state, quant_linear
 
 logger = logging.getLogger(__name__)
 
 # metrics.TEMPORAL keys -> report names: the proxies must not pass for VBench's own dimensions
 REPORT_NAME = {"temporal_flickering": "temporal_flickering", "motion_smoothness": "motion_smoothness_proxy",
                "subject_consistency": "subject_consistency_proxy"}
-SQNR_KEY = {"none": "rtn_db", "max": "max_db", "percentile": "pct_db"}
+HELD_OUT_SEED_OFFSET = 10_000  # fidelity inputs: seeds clear of the calibration prompts' seed + i
 
 
 @dataclass
@@ -58,10 +60,10 @@ def run(pipe, job: Job, *, progress: bool = True) -> Path:
     """Run every stage (reusing artifacts); return the path of report.html."""
     _check_writable(job.out)
     stats = None
-    if job.recipe.smoothing.statistic != "none":
+    if job.recipe.smoothing.statistic != "none" or job.recipe.method == "svdquant-gptq":
         stats = calibrate(pipe, job.calib_prompts, job.calib, job.out / "stats", progress=progress)
     state = _state(pipe, job, stats)
-    sqnr = _fidelity(pipe, job, stats) if stats is not None and job.fidelity_prompts else []
+    sqnr = _fidelity(pipe, job, state) if job.fidelity_prompts else []
     bf16_bytes = weight_bytes(pipe)
     bf16 = generate_videos(pipe, job.eval_prompts, job.protocol, job.out / "videos" / "bf16", progress=progress)
     apply(pipe, state)
@@ -134,22 +136,37 @@ def _state(pipe, job: Job, stats: CalibStats | None) -> PTQState:
             logger.info("reusing the PTQ state in %s", path)
             return state
         logger.info("%s holds a state of another recipe: quantizing again", path)
-    state = quantize(pipe, job.recipe, stats, progress=True)
+    partial = job.out / "state.partial"  # svdquant-gptq's finished layers, for a rerun after an interruption
+    state = quantize(pipe, job.recipe, stats, prompts=job.calib_prompts, progress=True, checkpoint=partial)
     state.save(path)
+    shutil.rmtree(partial, ignore_errors=True)
     return state
 
 
-def _fidelity(pipe, job: Job, stats: CalibStats) -> list[dict]:
-    """Per-layer output SQNR of the recipe's variant on held-out activations (before the state is applied).
+def _fidelity(pipe, job: Job, state: PTQState) -> list[dict]:
+    """Per-layer output SQNR of the state's quantized Linears on held-out inputs (before the state is applied).
 
-    Costs one extra BF16 generation per held-out prompt (`Job.fidelity_prompts`).
+    The inputs come from `Job.fidelity_prompts` held-out prompts (seeds clear of calibration's), one extra
+    BF16 generation each, sampled per timestep bin so that per-bin clip ratios are scored where they apply.
     """
-    inputs = capture_inputs(pipe, job.eval_prompts[: job.fidelity_prompts], job.calib, max_tokens=256)
-    s = job.recipe.smoothing
-    rows = layer_fidelity(pipe, stats, inputs, job.recipe.weights, job.recipe.activations, s.alpha, s.percentile, s.eps,
-                          max_ratio=s.max_ratio)
-    key = SQNR_KEY[s.statistic]
-    return [{"expert": r["expert"], "layer": r["layer"], "sqnr_db": r[key]} for r in rows]
+    n = job.fidelity_prompts
+    settings = job.calib.model_copy(update={"num_prompts": n, "seed": job.calib.seed + HELD_OUT_SEED_OFFSET})
+    experts = wan.experts(pipe)
+    edges = state.timestep_bins or wan.expert_bin_edges(pipe, 1)
+    groups = {expert: [g for group in wan.input_groups(model) if (g := [x for x in group if f"{expert}.{x}"
+                                                                       in state.layers])]
+              for expert, model in experts.items()}
+    inputs = collect_layer_inputs(pipe, job.eval_prompts[:n], settings, groups, edges, max_tokens=256, hessians=False)
+    rows = []
+    for expert, records in inputs.items():
+        for record in records.values():
+            samples = record.bin_samples()
+            for layer in record.layers:
+                linear = experts[expert].get_submodule(layer)
+                quantized = quant_linear(linear, state.layers[f"{expert}.{layer}"])
+                rows.append({"expert": expert, "layer": layer, "sqnr_db": binned_sqnr(linear, quantized, samples)})
+    order = {f"{e}.{n}": i for i, (e, m) in enumerate(experts.items()) for n in wan.target_linears(m)}
+    return sorted(rows, key=lambda r: order[f"{r['expert']}.{r['layer']}"])
 
 
 def _worst_tails(stats: CalibStats, count: int = 4) -> list[ActivationTail]:

@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 from vidquant.calib import calibrate as calib_run
 from vidquant.calib.calibrate import CalibSettings, calibrate
-from vidquant.calib.collector import bin_edges, timestep_bin
 from vidquant.calib.prompts import default_prompts
 from vidquant.calib.stats import InputStats, load_stats
 from vidquant.cli import app
 from vidquant.models import tiny, wan
+from vidquant.models.wan import bin_edges, timestep_bin
 
 SETTINGS = CalibSettings(num_prompts=3, steps=3, height=32, width=32, frames=5, bins=2)
 

@@ -7,7 +7,7 @@ import torch
 
 from vidquant.calib import capture as capture_module
 from vidquant.calib.calibrate import CalibSettings
-from vidquant.calib.capture import _Reservoir, capture_inputs
+from vidquant.calib.capture import Reservoir, capture_inputs
 from vidquant.calib.prompts import default_prompts
 from vidquant.models import tiny, wan
 
@@ -27,7 +27,7 @@ def test_reservoir_keeps_the_smallest_keys_in_stream_order() -> None:
     batches = [torch.randn(int(torch.randint(3, 40, (), generator=g)), 3, generator=g) for _ in range(30)]
     batches[0][1, 2] = float("nan")
     batches[5][0, 0] = float("inf")
-    reservoir = _Reservoir(37, seed=5)
+    reservoir = Reservoir(37, seed=5)
     for batch in batches:
         reservoir.add(batch)
     keys = torch.Generator().manual_seed(5)

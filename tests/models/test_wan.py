@@ -248,3 +248,30 @@ def test_fingerprint_tracks_weights_and_config() -> None:
     pipe = build_tiny_pipeline()
     pipe.register_to_config(boundary_ratio=0.5)
     assert fingerprint(pipe) != reference
+
+
+def test_publish_timestep_bins_follows_each_call() -> None:
+    from vidquant.models.wan import call_timestep, expert_bin_edges, publish_timestep_bins, timestep_bin
+
+    pipe = build_tiny_pipeline()
+    edges = expert_bin_edges(pipe, 2)
+    boundary = boundary_timestep(pipe)
+    assert edges["transformer"] == [boundary, (boundary + 1000) / 2, 1000.0]
+    assert edges["transformer_2"] == [0.0, boundary / 2, boundary]
+
+    class Probe(nn.Module):
+        timestep_bin = -1
+
+    model = experts(pipe)["transformer_2"]
+    model.probe = Probe()
+    seen = []
+    publish_timestep_bins(pipe, edges)
+    publish_timestep_bins(pipe, edges)  # replaces its hook instead of adding a second one
+    model.register_forward_pre_hook(lambda m, a, k: seen.append((m.probe.timestep_bin, call_timestep(a, k))),
+                                    with_kwargs=True)  # runs after the publisher's
+    assert len(model._forward_pre_hooks) == 2
+    pipe(prompt="a cat", num_inference_steps=8, height=32, width=32, num_frames=5, output_type="latent")
+    assert len(seen) >= 2 and all(b == timestep_bin(t, edges["transformer_2"]) for b, t in seen)
+    assert {b for b, _ in seen} == {0, 1}
+    publish_timestep_bins(pipe, {})
+    assert len(model._forward_pre_hooks) == 1

@@ -227,3 +227,27 @@ def test_swap_replaces_by_qualified_name() -> None:
         swap(model, "0.nope", nn.Identity())
     with pytest.raises(ValueError, match="empty"):
         swap(model, "", nn.Identity())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantized_weight_is_used_as_is(dtype: torch.dtype) -> None:
+    linear = make_linear(dtype=dtype)
+    mask = torch.rand(96, generator=torch.Generator().manual_seed(3)) + 0.5
+    down, up = torch.randn(2, 96) * 0.01, torch.randn(24, 2) * 0.01
+    rounded = formats.get("hif4").quantize_dequantize(torch.randn(24, 96).to(dtype))  # any grid point
+    q = QuantLinear(linear, "hif4", "hif4", mask=mask, lowrank=(down, up), quantized_weight=rounded)
+    assert torch.equal(q.weight, rounded)  # not quantized again (HiF4's rounding is not idempotent)
+    x = heavy_input((5, 96), dtype)
+    xm = x * mask.to(dtype)
+    expected = F.linear(formats.get("hif4").quantize_dequantize((x.float() * mask).to(dtype) if dtype == torch.float32
+                                                                else (x.float() * mask)).to(dtype), rounded,
+                        linear.bias) + (xm @ down.to(dtype).T) @ up.to(dtype).T
+    torch.testing.assert_close(q(x), expected, rtol=0, atol=0)
+
+
+def test_quantized_weight_errors() -> None:
+    linear = make_linear()
+    with pytest.raises(ValueError, match="needs the weight_format"):
+        QuantLinear(linear, None, None, quantized_weight=torch.zeros(24, 96))
+    with pytest.raises(ValueError, match=r"weight's shape \(24, 96\), got \(96, 24\)"):
+        QuantLinear(linear, "hif4", None, quantized_weight=torch.zeros(96, 24))

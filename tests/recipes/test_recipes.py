@@ -166,6 +166,18 @@ def test_every_bundled_recipe_loads() -> None:
             assert loaded.max_protected_blocks == 2 and loaded.protect_blocks == []
 
 
+def test_svdquant_gptq_recipes_load() -> None:
+    for fmt in ("hif4", "mxfp4", "nvfp4"):
+        loaded = load_recipe(f"svdquant-gptq-{fmt}")
+        assert (loaded.method, loaded.weights, loaded.activations) == ("svdquant-gptq", fmt, fmt)
+        assert (loaded.lowrank.rank, loaded.gptq.block_size, loaded.gptq.damp, loaded.clip_search.bins) == (
+            32, 128, 0.01, 4)  # fmt: skip
+        assert loaded.clip_search.enabled and loaded.gptq.enabled and 1.0 in loaded.clip_search.grid
+    lowrank = load_recipe("svdquant-gptq-hif4").lowrank
+    assert (lowrank.rank_for(5120, 13824), lowrank.rank_for(32, 32), lowrank.rank_for(96, 64)) == (32, 4, 8)
+    assert "lowrank" not in load_recipe("tail-aware-hif4").to_dict()
+
+
 def test_round_trip_to_dict() -> None:
     for name in recipe_names():
         loaded = load_recipe(name)
@@ -202,6 +214,12 @@ def test_user_file_loads_and_takes_its_file_name(tmp_path: Path) -> None:
         ("weights: hif5\nactivations: hif4\n", "weights: unknown format 'hif5'"),
         ("weights: hif4\nactivations: int3\n", "activations: unknown format 'int3'"),
         ("weights: hif4\nactivations: hif4\nmethod: gptq\n", "method: "),
+        ("weights: hif4\nactivations: hif4\nlowrank: {rank: 8}\n", "lowrank: only with method svdquant-gptq"),
+        ("weights: hif4\nactivations: hif4\nmethod: svdquant-gptq\nact_clip: 0.9\n", "exclude each other"),
+        ("weights: hif4\nactivations: hif4\nmethod: svdquant-gptq\nclip_search: {grid: [0.5]}\n", "hold 1.0"),
+        ("weights: hif4\nactivations: hif4\nmethod: svdquant-gptq\nclip_search: {grid: [0, 1]}\n", r"\(0, 1\]"),
+        ("weights: hif4\nactivations: hif4\nmethod: svdquant-gptq\ngptq: {damp: 0}\n", "gptq.damp: "),
+        ("weights: hif4\nactivations: hif4\nmethod: svdquant-gptq\nlowrank: {rnak: 8}\n", "unknown key 'lowrank.rnak'"),
         ("weights: hif4\nactivations: hif4\nprotect_blocks: [a]\n", r"protect_blocks.0: "),
         ("weights: hif4\nactivations: hif4\nmax_protected_blocks: -1\n", "max_protected_blocks: "),
         ("weights: hif4\nactivations: hif4\nprotect: ['re:(']\n", r"protect: invalid regular expression in 're:\('"),

@@ -23,7 +23,7 @@ from .. import __version__
 from ..eval.protocol import Protocol
 from ..models import wan
 from . import histogram
-from .collector import bin_edges, collecting
+from .collector import collecting
 from .prompts import prompt_set_hash
 from .stats import FORMAT_VERSION, STATS_FILE, TAIL_KEYS, CalibStats, InputStats, load_stats
 
@@ -45,12 +45,9 @@ def new_stats(
 
     ``fingerprint`` defaults to `wan.fingerprint` of the pipeline's weights.
     """
-    experts = wan.experts(pipe)
-    boundary = wan.boundary_timestep(pipe)
-    top = float(pipe.scheduler.config.num_train_timesteps)
+    edges = wan.expert_bin_edges(pipe, settings.bins)
     inputs, info = {}, {}
-    for name, model in experts.items():
-        lo, hi = (0.0, top) if boundary is None else ((boundary, top) if name == "transformer" else (0.0, boundary))
+    for name, model in wan.experts(pipe).items():
         linears = wan.target_linears(model)
         observers = {}
         for group in wan.input_groups(model):
@@ -60,7 +57,7 @@ def new_stats(
         inputs[name] = observers
         info[name] = {
             "observers": {k: v.layers for k, v in observers.items()},
-            "bin_edges": bin_edges(lo, hi, settings.bins),
+            "bin_edges": edges[name],
         }
     meta = {
         "format_version": FORMAT_VERSION,

@@ -24,7 +24,7 @@ from .calibrate import CalibSettings, generate
 logger = logging.getLogger(__name__)
 
 
-class _Reservoir:
+class Reservoir:
     """The ``k`` rows with the smallest random keys of a stream of ``(n, C)`` batches, kept on the CPU.
 
     Slots start with key +inf; a batch's candidates (keys below the largest kept one) only compete with
@@ -92,7 +92,7 @@ def capture_inputs(
         )
     experts = wan.experts(pipe)
     wanted = layers if layers is not None else {name: list(wan.target_linears(m)) for name, m in experts.items()}
-    plan: dict[str, list[tuple[list[str], _Reservoir]]] = {}
+    plan: dict[str, list[tuple[list[str], Reservoir]]] = {}
     handles = []
     try:
         for e_index, (expert, names) in enumerate(wanted.items()):
@@ -108,7 +108,7 @@ def capture_inputs(
                 picked = [name for name in group if name in names]
                 if not picked:
                     continue
-                reservoir = _Reservoir(max_tokens, seed=settings.seed + seed_offset + 1000 * e_index + g_index)
+                reservoir = Reservoir(max_tokens, seed=settings.seed + seed_offset + 1000 * e_index + g_index)
                 plan[expert].append((picked, reservoir))
                 handles.append(modules[picked[0]].register_forward_pre_hook(_hook(reservoir)))
         pipe.set_progress_bar_config(disable=True)
@@ -130,7 +130,7 @@ def capture_inputs(
     return out
 
 
-def _hook(reservoir: _Reservoir):
+def _hook(reservoir: Reservoir):
     def hook(_module: nn.Module, args: tuple) -> None:
         reservoir.add(args[0])
 

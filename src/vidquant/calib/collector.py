@@ -1,66 +1,66 @@
-"""Hooks that feed `CalibStats` while the pipeline runs a normal generation call.
+"""Hooks that feed observers of Linear inputs while the pipeline runs a normal generation call.
 
 One forward pre-hook per expert reads the timestep (-> timestep bin) and tells the CFG branch apart;
-one forward pre-hook per distinct Linear input (the first Linear of each input group) updates that
-input's statistics. Wan pipelines call an expert once per branch at each timestep, conditional first,
-so the n-th call at an unchanged timestep is branch n.
+one forward pre-hook per observed Linear input calls its observer with ``(x, bin, branch)``. Wan
+pipelines call an expert once per branch at each timestep, conditional first, so the n-th call at an
+unchanged timestep is branch n.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from ..models.wan import call_timestep, timestep_bin
 from .stats import BRANCHES, CalibStats
 
-
-def bin_edges(lo: float, hi: float, bins: int) -> list[float]:
-    """Edges of ``bins`` equal timestep bins over an expert's share [lo, hi] of the schedule."""
-    return [lo + (hi - lo) * i / bins for i in range(bins + 1)]
-
-
-def timestep_bin(t: float, edges: list[float]) -> int:
-    """Index of the bin of ``edges`` holding timestep ``t`` (the ends are closed)."""
-    for i in range(len(edges) - 2, -1, -1):
-        if t >= edges[i]:
-            return i
-    return 0
+Observer = Callable[[Tensor, int, int], None]  # (input, timestep bin, CFG branch)
 
 
 @contextmanager
-def collecting(stats: CalibStats, experts: dict[str, nn.Module]) -> Iterator[None]:
-    """Within the block, every forward of ``experts`` adds its target-Linear inputs to ``stats``."""
+def observing(
+    experts: dict[str, nn.Module], edges: dict[str, list[float]], observers: dict[str, dict[str, Observer]]
+) -> Iterator[None]:
+    """Within the block, ``observers[expert][layer](x, bin, branch)`` sees every input of that Linear."""
     state = {"t": None, "branch": 0, "bin": 0}
     handles = []
 
-    def on_expert(edges: list[float]):
+    def on_expert(expert_edges: list[float]):
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-            t = float(torch.as_tensor(timestep).flatten()[0])
+            t = call_timestep(args, kwargs)
             same = state["t"] == t
             state["branch"] = min(state["branch"] + 1, len(BRANCHES) - 1) if same else 0
-            state["t"], state["bin"] = t, timestep_bin(t, edges)
+            state["t"], state["bin"] = t, timestep_bin(t, expert_edges)
 
         return hook
 
-    def on_input(obs):
+    def on_input(observer: Observer):
         def hook(_module: nn.Module, args: tuple) -> None:
-            obs.update(args[0], state["bin"], state["branch"])
+            observer(args[0], state["bin"], state["branch"])
 
         return hook
 
     try:
-        for name, model in experts.items():
-            edges = stats.meta["experts"][name]["bin_edges"]
-            handles.append(model.register_forward_pre_hook(on_expert(edges), with_kwargs=True))
+        for name, layers in observers.items():
+            model = experts[name]
+            handles.append(model.register_forward_pre_hook(on_expert(edges[name]), with_kwargs=True))
             modules = dict(model.named_modules())
-            for obs in stats.inputs[name].values():
-                handles.append(modules[obs.layers[0]].register_forward_pre_hook(on_input(obs)))
+            for layer, observer in layers.items():
+                handles.append(modules[layer].register_forward_pre_hook(on_input(observer)))
         with torch.no_grad():
             yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def collecting(stats: CalibStats, experts: dict[str, nn.Module]) -> Iterator[None]:
+    """Within the block, every forward of ``experts`` adds its target-Linear inputs to ``stats``."""
+    edges = {name: stats.meta["experts"][name]["bin_edges"] for name in stats.inputs}
+    observers = {name: {obs.layers[0]: obs.update for obs in inputs.values()} for name, inputs in stats.inputs.items()}
+    with observing(experts, edges, observers):
+        yield

@@ -108,6 +108,10 @@ class Format(ABC):
         b = self.block_size
         return k if b is None or b == 1 else -(-k // b) * b
 
+    def column_quantizer(self, weight: Tensor) -> ColumnQuantizer:
+        """GPTQ's quantizer for the weight ``(R, K)``: see `ColumnQuantizer`. Block formats implement it."""
+        raise ValueError(f"{self.name}: GPTQ has no column quantizer for this format")
+
     # ---- what a format implements ----------------------------------------------------------------
     @abstractmethod
     def _encode_rows(self, rows: Tensor) -> tuple[Tensor, dict[str, Tensor]]: ...
@@ -140,6 +144,89 @@ class Format(ABC):
         dim = _check_dim(dim, x.dim(), self.name)
         rows = x.movedim(dim, -1).reshape(-1, x.shape[dim]).contiguous()
         return rows, dim
+
+
+class ColumnQuantizer(ABC):
+    """Rounds a weight (R, K) one column at a time under per-block metadata that `enter` fixes (GPTQ's quantizer).
+
+    GPTQ quantizes the columns of ``W[R, K]`` (K = the input channels, the dim the blocks run along) one
+    by one and moves each column's rounding error onto the columns not yet rounded. A block format's
+    metadata (scales, sub-block exponents) depends on a whole block of columns, so it is fixed once per
+    block: `enter` computes it from the block's *current* columns (GPTQ passes the error-updated ones),
+    and `round` then rounds each column of that block under it. The arithmetic is the format's own
+    (`Format.encode` uses the same helpers), so entering every block from ``W`` and rounding every
+    column gives exactly ``fmt.encode(W)`` and ``fmt.quantize_dequantize(W)``, bit for bit.
+
+    Tensor-level context is fixed by the constructor from the weight it is given (NVFP4's fp32 tensor
+    scale). Subclasses allocate ``meta`` (the `Encoded` meta, R rows) and implement `_enter` / `_round`.
+    """
+
+    def __init__(self, fmt: Format, weight: Tensor) -> None:
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.numel() == 0:
+            got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+            raise ValueError(f"{fmt.name}: the column quantizer needs a non-empty 2-D weight (R, K), got {got}")
+        if weight.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{fmt.name}: weight dtype must be bfloat16, float16 or float32, got {weight.dtype}")
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"{fmt.name}: the weight contains Inf or NaN; GPTQ needs a finite weight")
+        self.fmt = fmt
+        self.rows, self.k = (int(s) for s in weight.shape)
+        self.device = weight.device
+        self.codes = torch.zeros(self.rows, fmt.padded(self.k), dtype=torch.uint8, device=weight.device)
+        self.meta: dict[str, Tensor] = {}
+        self._entered = [False] * self.n_blocks
+
+    @property
+    def block_size(self) -> int:
+        """Values per block along K (the whole row K for per-row formats)."""
+        return self.fmt.block_size or self.k
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.k // self.block_size)
+
+    def enter(self, block: int, values: Tensor) -> None:
+        """Fix block ``block``'s metadata from ``values`` (R, n): the block's current columns, all of them."""
+        if not 0 <= block < self.n_blocks:
+            raise ValueError(f"{self.fmt.name}: block {block} is out of range (the weight has {self.n_blocks})")
+        n = min(self.block_size, self.k - block * self.block_size)
+        if tuple(values.shape) != (self.rows, n):
+            raise ValueError(f"{self.fmt.name}: block {block} needs values of shape {(self.rows, n)}, "
+                             f"got {tuple(values.shape)}")
+        values = values.float()
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"{self.fmt.name}: block {block}'s values contain Inf or NaN")
+        self._enter(block, pad_rows(values, self.block_size))
+        self._entered[block] = True
+
+    def round(self, column: int, values: Tensor) -> Tensor:
+        """Round column ``column`` (0..K-1) of ``values`` (R,) under its block's metadata; the dequantized fp32 values.
+
+        The codes are kept for `encoded`. ``values`` must be finite (GPTQ's updates of a finite weight are).
+        """
+        if not 0 <= column < self.k:
+            raise ValueError(f"{self.fmt.name}: column {column} is out of range (the weight has {self.k})")
+        if values.shape != (self.rows,):
+            raise ValueError(f"{self.fmt.name}: a column has shape {(self.rows,)}, got {tuple(values.shape)}")
+        if not self._entered[column // self.block_size]:
+            raise ValueError(f"{self.fmt.name}: column {column} is rounded before its block "
+                             f"{column // self.block_size} was entered")
+        return self._round(column, values.float())
+
+    def encoded(self, dtype: torch.dtype) -> Encoded:
+        """The `Encoded` of everything rounded so far (columns not rounded yet hold code 0); decodes to ``dtype``."""
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{self.fmt.name}: dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+        meta = {key: value.clone() for key, value in self.meta.items()}
+        return Encoded(self.fmt.name, self.codes.clone(), meta, (self.rows, self.k), 1, dtype)
+
+    @abstractmethod
+    def _enter(self, block: int, values: Tensor) -> None:
+        """Store block ``block``'s metadata from fp32 ``values`` (R, block_size), zero-padded like encode pads."""
+
+    @abstractmethod
+    def _round(self, column: int, values: Tensor) -> Tensor:
+        """Store the codes of fp32 ``values`` (R,) in ``self.codes[:, column]``; return their decoded fp32 values."""
 
 
 def _check_dim(dim: int, ndim: int, name: str) -> int:

@@ -26,7 +26,7 @@ from numba.core import types
 from numba.extending import overload
 from torch import Tensor
 
-from .base import Format, pad_rows, use_cpu_kernels
+from .base import ColumnQuantizer, Format, pad_rows, use_cpu_kernels
 from .minifloat import floor_log2, pow2, round_half, round_to_minifloat
 from .packing import pack_elements, unpack_elements
 from .registry import register
@@ -64,13 +64,35 @@ def element_exponents(eb: Tensor, ec: Tensor) -> Tensor:
 
 def round_elements(a: Tensor, r: Tensor, eb: Tensor, ec: Tensor) -> Tensor:
     """Step 7: magnitude codes c in 0..7 (fp32) of magnitudes ``a`` under fixed unit metadata."""
-    t = a * pow2(-element_exponents(eb, ec)) * r  # a / 2^(Eb+Ec) · r, exactly
-    return torch.clamp(round_half(4 * t, "away"), max=7)
+    return round_magnitudes(a, r, element_exponents(eb, ec))
 
 
 def element_values(c: Tensor, s: Tensor, eb: Tensor, ec: Tensor) -> Tensor:
     """Step 8: magnitudes (c/4)·2^(Eb+Ec)·s, fp32 (exact)."""
-    return c * 0.25 * pow2(element_exponents(eb, ec)) * s
+    return magnitudes(c, s, element_exponents(eb, ec))
+
+
+def round_magnitudes(a: Tensor, r: Tensor, p: Tensor) -> Tensor:
+    """Step 7 given each element's exponent ``p`` = Eb + Ec: codes c in 0..7 (fp32)."""
+    t = a * pow2(-p) * r  # a / 2^(Eb+Ec) · r, exactly
+    return torch.clamp(round_half(4 * t, "away"), max=7)
+
+
+def magnitudes(c: Tensor, s: Tensor, p: Tensor) -> Tensor:
+    """Step 8 given each element's exponent ``p`` = Eb + Ec: (c/4)·2^p·s, fp32 (exact)."""
+    return c * 0.25 * pow2(p) * s
+
+
+def signed_codes(x: Tensor, c: Tensor) -> Tensor:
+    """uint8 element nibbles: bit 3 = the sign of ``x``, bits 2:0 = the magnitude code ``c``."""
+    return (torch.signbit(x).to(torch.uint8) << 3) | c.to(torch.uint8)
+
+
+def code_values(codes: Tensor, s: Tensor, p: Tensor) -> Tensor:
+    """fp32 values of element nibbles under scale ``s`` and element exponents ``p`` (step 8, signed)."""
+    codes = codes.to(torch.int32)
+    mag = magnitudes((codes & 7).float(), s, p)
+    return torch.where((codes & 8) > 0, -mag, mag)
 
 
 def scale_code(s: Tensor) -> Tensor:
@@ -108,17 +130,15 @@ class HiF4Format(Format):
         nan_unit = torch.isnan(x).any(-1, keepdim=True)
         a = torch.where(nan_unit, 0.0, x.abs())
         s, r, eb, ec = unit_metadata(a)
-        c = round_elements(a, r, eb, ec).to(torch.uint8)
-        codes = torch.where(nan_unit, 0, (torch.signbit(x).to(torch.uint8) << 3) | c).to(torch.uint8)
+        codes = torch.where(nan_unit, 0, signed_codes(x, round_elements(a, r, eb, ec))).to(torch.uint8)
         scale = torch.where(nan_unit, SCALE_NAN, scale_code(s)).squeeze(-1)
         meta = {"scale": scale, "eb": eb.to(torch.uint8), "ec": ec.to(torch.uint8)}
         return codes.flatten(-2), meta
 
     def _decode_rows(self, codes: Tensor, meta: dict[str, Tensor], k: int) -> Tensor:
-        codes = codes.unflatten(-1, (-1, UNIT)).to(torch.int32)
         s = scale_value(meta["scale"]).unsqueeze(-1)
-        mag = element_values((codes & 7).float(), s, meta["eb"].float(), meta["ec"].float())
-        return torch.where((codes & 8) > 0, -mag, mag).flatten(-2)[:, :k]
+        p = element_exponents(meta["eb"].float(), meta["ec"].float())
+        return code_values(codes.unflatten(-1, (-1, UNIT)), s, p).flatten(-2)[:, :k]
 
     def _pack_rows(self, codes: Tensor, meta: dict[str, Tensor]) -> Tensor:
         elements = pack_elements(codes.unflatten(-1, (-1, UNIT)), bits=4)  # (R, U, 32)
@@ -141,6 +161,9 @@ class HiF4Format(Format):
     def packed_nbytes(self, n_rows: int, k: int) -> int:
         return n_rows * self.padded(k) // UNIT * UNIT_BYTES
 
+    def column_quantizer(self, weight: Tensor) -> HiF4Columns:
+        return HiF4Columns(self, weight)
+
     def _qdq_rows(self, rows: Tensor) -> Tensor:
         if not use_cpu_kernels(rows):
             return super()._qdq_rows(rows)
@@ -154,6 +177,36 @@ class HiF4Format(Format):
         out32 = torch.empty_like(x32)
         _qdq_kernel(x32.numpy(), out32.numpy(), _RECIPROCALS)
         return out32.to(rows.dtype)
+
+
+class HiF4Columns(ColumnQuantizer):
+    """GPTQ's HiF4 quantizer: `enter` runs steps 1-6 on a unit, `round` runs steps 7-8 on one column of it."""
+
+    def __init__(self, fmt: HiF4Format, weight: Tensor) -> None:
+        super().__init__(fmt, weight)
+        n, units = self.rows, self.n_blocks
+        zeros = torch.zeros
+        self.meta = {
+            "scale": zeros(n, units, dtype=torch.uint8, device=self.device),
+            "eb": zeros(n, units, 8, dtype=torch.uint8, device=self.device),
+            "ec": zeros(n, units, 16, dtype=torch.uint8, device=self.device),
+        }
+        self._s = zeros(n, units, dtype=torch.float32, device=self.device)  # the unit's scale s
+        self._r = zeros(n, units, dtype=torch.float32, device=self.device)  # and its rounded reciprocal r
+
+    def _enter(self, block: int, values: Tensor) -> None:
+        s, r, eb, ec = unit_metadata(values.abs())
+        self._s[:, block], self._r[:, block] = s[:, 0], r[:, 0]
+        self.meta["scale"][:, block] = scale_code(s)[:, 0]
+        self.meta["eb"][:, block] = eb.to(torch.uint8)
+        self.meta["ec"][:, block] = ec.to(torch.uint8)
+
+    def _round(self, column: int, values: Tensor) -> Tensor:
+        unit, i = divmod(column, UNIT)
+        p = (self.meta["eb"][:, unit, i // 8] + self.meta["ec"][:, unit, i // 4]).float()  # Eb + Ec of element i
+        codes = signed_codes(values, round_magnitudes(values.abs(), self._r[:, unit], p))
+        self.codes[:, column] = codes
+        return code_values(codes, self._s[:, unit], p)
 
 
 # ---- numba kernel: the same steps, fused per unit ---------------------------------------------------

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Format, check_finite_scale, pad_rows
+from .base import ColumnQuantizer, Format, check_finite_scale, pad_rows
 from .elements import div_scalar
 from .packing import bytes_float, float_bytes, pack_blocks, pack_elements, unpack_blocks, unpack_elements
 from .registry import register
@@ -61,18 +61,28 @@ class IntFormat(Format):
     def _encode_rows(self, rows: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         groups = self._groups(rows)
         scale = self._scale(groups.abs().amax(dim=-1))
-        s = scale.float().unsqueeze(-1)
-        nonzero = s > 0
-        q = torch.round(groups / torch.where(nonzero, s, 1.0)).clamp(-self.qmax, self.qmax)
-        q = torch.where(nonzero, q, 0.0).to(torch.int32)
-        codes = (q & ((1 << self.bits) - 1)).to(torch.uint8)
+        codes = self.element_codes(groups, scale.float().unsqueeze(-1))
         return codes.reshape(rows.shape[0], -1), {"scale": scale}
+
+    def element_codes(self, values: Tensor, s: Tensor) -> Tensor:
+        """uint8 two's-complement codes of ``RNE(values / s)`` clamped to +-qmax (``s`` fp32, broadcast; 0 -> 0)."""
+        nonzero = s > 0
+        q = torch.round(values / torch.where(nonzero, s, 1.0)).clamp(-self.qmax, self.qmax)
+        q = torch.where(nonzero, q, 0.0).to(torch.int32)
+        return (q & ((1 << self.bits) - 1)).to(torch.uint8)
+
+    def code_values(self, codes: Tensor) -> Tensor:
+        """The integers (as fp32) that two's-complement codes stand for."""
+        half = 1 << (self.bits - 1)
+        return ((codes.to(torch.int32) ^ half) - half).float()
 
     def _decode_rows(self, codes: Tensor, meta: dict[str, Tensor], k: int) -> Tensor:
         scale = meta["scale"]
-        half = 1 << (self.bits - 1)
-        q = ((codes.to(torch.int32) ^ half) - half).float().reshape(*scale.shape, -1)
+        q = self.code_values(codes).reshape(*scale.shape, -1)
         return (q * scale.float().unsqueeze(-1)).reshape(codes.shape[0], -1)[:, :k]
+
+    def column_quantizer(self, weight: Tensor) -> IntColumns:
+        return IntColumns(self, weight)
 
     def _pack_rows(self, codes: Tensor, meta: dict[str, Tensor]) -> Tensor:
         scale = meta["scale"]
@@ -99,6 +109,24 @@ class IntFormat(Format):
 
     def _element_bytes(self, group_len: int) -> int:
         return -(-group_len * self.bits // 8)
+
+
+class IntColumns(ColumnQuantizer):
+    """GPTQ's INT quantizer: `enter` fixes a group's scale (per channel: one block = the whole row)."""
+
+    def __init__(self, fmt: IntFormat, weight: Tensor) -> None:
+        super().__init__(fmt, weight)
+        scale = torch.zeros(self.rows, self.n_blocks, dtype=fmt.scale_dtype, device=self.device)
+        self.meta = {"scale": scale}
+
+    def _enter(self, block: int, values: Tensor) -> None:
+        self.meta["scale"][:, block] = self.fmt._scale(values.abs().amax(dim=-1))
+
+    def _round(self, column: int, values: Tensor) -> Tensor:
+        s = self.meta["scale"][:, column // self.block_size].float()
+        codes = self.fmt.element_codes(values, s)
+        self.codes[:, column] = codes
+        return self.fmt.code_values(codes) * s
 
 
 def _int(bits: int, group: int | None) -> IntFormat:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Format, pad_rows
+from .base import ColumnQuantizer, Format, pad_rows
 from .elements import E2M1, E4M3, E5M2, ElementGrid
 from .minifloat import Ties, floor_log2
 from .packing import pack_blocks, pack_elements, unpack_blocks, unpack_elements
@@ -58,11 +58,14 @@ class MXFormat(Format):
         blocks = pad_rows(rows.float(), BLOCK).reshape(n, -1, BLOCK)
         finite = torch.isfinite(blocks).all(dim=-1)
         blocks = torch.where(finite.unsqueeze(-1), blocks, 0.0)
-        exponent = (floor_log2(blocks.abs().amax(dim=-1)) - self.grid.emax).clamp(-E8M0_BIAS, E8M0_BIAS)
-        biased = exponent + E8M0_BIAS
+        biased = self.block_exponent(blocks.abs().amax(dim=-1))
         codes = self.grid.quantize(blocks / e8m0_value(biased).unsqueeze(-1), self.ties)
         scale = torch.where(finite, biased, E8M0_NAN).to(torch.uint8)
         return codes.reshape(n, -1), {"scale": scale}
+
+    def block_exponent(self, amax: Tensor) -> Tensor:
+        """The biased E8M0 exponent (int32) of blocks with finite maxima ``amax``: floor(log2 amax) - emax, clamped."""
+        return (floor_log2(amax) - self.grid.emax).clamp(-E8M0_BIAS, E8M0_BIAS) + E8M0_BIAS
 
     def _decode_rows(self, codes: Tensor, meta: dict[str, Tensor], k: int) -> Tensor:
         n = codes.shape[0]
@@ -81,6 +84,30 @@ class MXFormat(Format):
 
     def packed_nbytes(self, n_rows: int, k: int) -> int:
         return n_rows * (self.padded(k) // BLOCK) * (self.element_bytes + 1)
+
+    def column_quantizer(self, weight: Tensor) -> MXColumns:
+        return MXColumns(self, weight)
+
+
+class MXColumns(ColumnQuantizer):
+    """GPTQ's MX quantizer: `enter` fixes a block's E8M0 scale X, `round` rounds a column's ``V / X``."""
+
+    def __init__(self, fmt: MXFormat, weight: Tensor) -> None:
+        super().__init__(fmt, weight)
+        self.grid, self.ties = fmt.grid, fmt.ties
+        self.meta = {"scale": torch.zeros(self.rows, self.n_blocks, dtype=torch.uint8, device=self.device)}
+        self._x = torch.zeros(self.rows, self.n_blocks, dtype=torch.float32, device=self.device)  # X as fp32
+
+    def _enter(self, block: int, values: Tensor) -> None:
+        biased = self.fmt.block_exponent(values.abs().amax(dim=-1))
+        self.meta["scale"][:, block] = biased.to(torch.uint8)
+        self._x[:, block] = e8m0_value(biased)
+
+    def _round(self, column: int, values: Tensor) -> Tensor:
+        x = self._x[:, column // BLOCK]
+        codes = self.grid.quantize(values / x, self.ties)
+        self.codes[:, column] = codes
+        return self.grid.value(codes) * x
 
 
 def _mx(name: str, grid: ElementGrid, ties: Ties, description: str) -> MXFormat:

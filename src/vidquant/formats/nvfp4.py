@@ -7,7 +7,8 @@ and decoding gives ``q * (b * g)``. A block whose ``b`` rounds to 0 gets codes +
 zeros; nothing is ever divided by zero. When ``g`` is 0 (an all-zero tensor, or one so small that
 ``amax / 2688`` underflows) ``g = 1.0`` is stored instead; every block scale then rounds to 0 and the
 tensor decodes to zeros. ``nvfp4_sim`` is the ICME challenge simulator's variant with no per-tensor
-scale (``g = 1``). Inf/NaN input raises ValueError.
+scale (``g = 1``). Inf/NaN input raises ValueError. GPTQ's column quantizer (`NVFP4Columns`) fixes ``g``
+once from the whole weight it is built with and the block scales from the columns it is given.
 
 Packing (flat uint8, rows one after another, each row's blocks in order, the tail block zero-padded):
 per 16-value block, 8 element bytes (two per byte, low nibble = even element, nibble = bit 3 sign +
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Format, check_finite_scale, pad_rows
+from .base import ColumnQuantizer, Format, check_finite_scale, pad_rows
 from .elements import E2M1, E4M3, div_scalar
 from .packing import bytes_float, float_bytes, pack_blocks, pack_elements, unpack_blocks, unpack_elements
 from .registry import register
@@ -44,14 +45,11 @@ class NVFP4Format(Format):
         amax = blocks.abs().amax(dim=-1)
         check_finite_scale(amax, self.name)
         g = self._global_scale(amax)
-        b = E4M3.round(div_scalar(amax, 6.0) / g)
-        s = (b * g).unsqueeze(-1)
-        nonzero = s > 0
-        scaled = torch.where(nonzero, blocks / torch.where(nonzero, s, 1.0), blocks * 0.0)
+        b = block_scale(amax, g)
         meta = {"scale": E4M3.code(b).to(torch.uint8)}
         if self.tensor_scale:
             meta["tensor_scale"] = g.reshape(1, 1).repeat(n, 1)
-        return E2M1.quantize(scaled).reshape(n, -1), meta
+        return element_codes(blocks, (b * g).unsqueeze(-1)).reshape(n, -1), meta
 
     def _global_scale(self, amax: Tensor) -> Tensor:
         """The fp32 tensor scale ``g`` (a 0-d tensor); 1.0 without a tensor scale or when it would be 0."""
@@ -59,6 +57,9 @@ class NVFP4Format(Format):
             return torch.ones((), dtype=torch.float32, device=amax.device)
         g = div_scalar(amax.amax(), 6.0 * 448.0)
         return torch.where(g > 0, g, 1.0)
+
+    def column_quantizer(self, weight: Tensor) -> NVFP4Columns:
+        return NVFP4Columns(self, weight)
 
     def _decode_rows(self, codes: Tensor, meta: dict[str, Tensor], k: int) -> Tensor:
         n = codes.shape[0]
@@ -91,6 +92,40 @@ class NVFP4Format(Format):
     def packed_nbytes(self, n_rows: int, k: int) -> int:
         blocks = n_rows * (self.padded(k) // BLOCK) * (ELEMENT_BYTES + 1)
         return blocks + (TENSOR_SCALE_BYTES if self.tensor_scale else 0)
+
+
+def block_scale(amax: Tensor, g: Tensor) -> Tensor:
+    """The UE4M3 block scale ``b = E4M3_RNE(amax_block / 6 / g)`` (fp32, saturating at 448)."""
+    return E4M3.round(div_scalar(amax, 6.0) / g)
+
+
+def element_codes(values: Tensor, s: Tensor) -> Tensor:
+    """E2M1 codes (uint8) of ``values / s`` for the scales ``s = b * g`` (broadcast); a zero scale gives +-0 codes."""
+    nonzero = s > 0
+    return E2M1.quantize(torch.where(nonzero, values / torch.where(nonzero, s, 1.0), values * 0.0))
+
+
+class NVFP4Columns(ColumnQuantizer):
+    """GPTQ's NVFP4 quantizer: ``g`` from the amax of the weight it is built with; block scales from `enter`."""
+
+    def __init__(self, fmt: NVFP4Format, weight: Tensor) -> None:
+        super().__init__(fmt, weight)
+        self.g = fmt._global_scale(weight.abs().amax().float())
+        self.meta = {"scale": torch.zeros(self.rows, self.n_blocks, dtype=torch.uint8, device=self.device)}
+        if fmt.tensor_scale:
+            self.meta["tensor_scale"] = self.g.reshape(1, 1).repeat(self.rows, 1)
+        self._s = torch.zeros(self.rows, self.n_blocks, dtype=torch.float32, device=self.device)  # b * g
+
+    def _enter(self, block: int, values: Tensor) -> None:
+        b = block_scale(values.abs().amax(dim=-1), self.g)
+        self.meta["scale"][:, block] = E4M3.code(b).to(torch.uint8)
+        self._s[:, block] = b * self.g
+
+    def _round(self, column: int, values: Tensor) -> Tensor:
+        s = self._s[:, column // BLOCK]
+        codes = element_codes(values, s)
+        self.codes[:, column] = codes
+        return E2M1.value(codes) * s  # decode's E4M3.value(scale) * g is b * g exactly
 
 
 NVFP4 = register(

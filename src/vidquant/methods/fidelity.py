@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..calib.stats import CalibStats
 from ..formats import Format
@@ -110,6 +110,27 @@ class _Case:
             if tail_signal is not None:
                 on_tail.append(ratio_db(tail_signal, energy(noise[tail])))
         return sum(total) / len(total), sum(on_tail) / len(on_tail) if on_tail else math.nan
+
+
+def binned_sqnr(linear: nn.Linear, layer: nn.Module, bins: Sequence[Tensor | None]) -> float:
+    """Output SQNR (dB) of a quantized ``layer`` against the unquantized ``linear`` over every bin's input rows.
+
+    Rows of bin b run with ``layer.timestep_bin = b`` (per-bin clip ratios); signal and noise energies
+    are pooled over the bins (None: a bin no input fell into). The reference is computed in fp32.
+    """
+    weight = linear.weight.detach().float()
+    bias = None if linear.bias is None else linear.bias.detach().float()
+    signal = noise = 0.0
+    with torch.no_grad():
+        for b, x in enumerate(bins):
+            if x is None:
+                continue
+            layer.timestep_bin = b
+            x = x.to(linear.weight.device)
+            reference = F.linear(x.float(), weight, bias)
+            signal += energy(reference)
+            noise += energy(reference - layer(x.to(linear.weight.dtype)).float())
+    return ratio_db(signal, noise)
 
 
 def tail_rows(x: Tensor, a: Tensor, factor: float = TAIL_FACTOR) -> Tensor:

@@ -103,15 +103,23 @@ def fold_weight(
     cast back: HiF4 / HiF8 / MX values are exact in bf16, the float-scaled formats round once there.
     """
     fmt = as_format(fmt)
+    w = residual_weight(weight, mask, lowrank)
+    if fmt is not None:
+        w = fmt.quantize_dequantize(w, dim=-1)
+    return w.to(weight.dtype)
+
+
+def residual_weight(
+    weight: Tensor, mask: Tensor | None = None, lowrank: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    """``W diag(m)^-1 - up · down`` in fp32 (or wider): what the weight format quantizes (SVDQuant's residual R)."""
     w = weight.detach().to(_wide(weight.dtype))
     if mask is not None:
         w = w / mask
     if lowrank is not None:
         down, up = lowrank
         w = w - up.to(w.dtype) @ down.to(w.dtype)
-    if fmt is not None:
-        w = fmt.quantize_dequantize(w, dim=-1)
-    return w.to(weight.dtype)
+    return w
 
 
 def quantize_input(

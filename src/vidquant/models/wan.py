@@ -144,6 +144,63 @@ def expert_for_timestep(pipe: DiffusionPipeline, t: float | torch.Tensor) -> str
     return "transformer" if bool(t >= boundary) else "transformer_2"
 
 
+def bin_edges(lo: float, hi: float, bins: int) -> list[float]:
+    """Edges of ``bins`` equal timestep bins over an expert's share [lo, hi] of the schedule."""
+    return [lo + (hi - lo) * i / bins for i in range(bins + 1)]
+
+
+def expert_bin_edges(pipe: DiffusionPipeline, bins: int) -> dict[str, list[float]]:
+    """Per expert, the edges of ``bins`` equal timestep bins over the share of the schedule it denoises."""
+    boundary = boundary_timestep(pipe)
+    top = float(pipe.scheduler.config.num_train_timesteps)
+    edges = {}
+    for name in experts(pipe):
+        lo, hi = (0.0, top) if boundary is None else ((boundary, top) if name == "transformer" else (0.0, boundary))
+        edges[name] = bin_edges(lo, hi, bins)
+    return edges
+
+
+def timestep_bin(t: float, edges: list[float]) -> int:
+    """Index of the bin of ``edges`` holding timestep ``t`` (the ends are closed)."""
+    for i in range(len(edges) - 2, -1, -1):
+        if t >= edges[i]:
+            return i
+    return 0
+
+
+def call_timestep(args: tuple, kwargs: dict) -> float:
+    """The timestep of an expert's forward call (its first element: Wan2.2 TI2V passes one per token)."""
+    timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    if timestep is None:
+        raise ValueError("a Wan expert was called without a timestep")
+    return float(torch.as_tensor(timestep).flatten()[0])
+
+
+def publish_timestep_bins(pipe: DiffusionPipeline, edges: dict[str, list[float]]) -> None:
+    """Before every expert call, set ``timestep_bin`` on the expert's modules that have one (`QuantLinear`).
+
+    Per-timestep-bin parameters (the SVDQuant-GPTQ recipe's activation clip ratios) follow the denoising
+    step this way. Calling it again replaces the hook instead of adding a second one.
+    """
+    for name, model in experts(pipe).items():
+        old = getattr(model, "_vidquant_timestep_hook", None)
+        if old is not None:
+            old.remove()
+            del model._vidquant_timestep_hook
+        if name not in edges:
+            continue
+        users = [m for m in model.modules() if hasattr(m, "timestep_bin")]
+        if not users:
+            continue
+
+        def hook(_module: nn.Module, args: tuple, kwargs: dict, users=users, expert_edges=edges[name]) -> None:
+            b = timestep_bin(call_timestep(args, kwargs), expert_edges)
+            for m in users:
+                m.timestep_bin = b
+
+        model._vidquant_timestep_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every Linear inside the transformer blocks (attention, cross-attention, image k/v, FFN): the ones to quantize."""
     return {n: m for n, m in model.named_modules() if n.startswith("blocks.") and isinstance(m, nn.Linear)}

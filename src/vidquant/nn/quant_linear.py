@@ -29,7 +29,9 @@ class QuantLinear(nn.Module):
     ``None`` it computes the original Linear for any mask and low-rank factors (up to rounding), so the
     factors of SVDQuant's ``W/m = up·down + R`` are given as such and only the residual R is quantized.
     ``act_clip`` is a ratio of each token's max |x·m| (a 1-D tensor: one ratio per timestep bin, picked
-    by `timestep_bin`, which the pipeline adapter sets before each call).
+    by `timestep_bin`, which the pipeline adapter sets before each call). ``quantized_weight`` is a residual
+    already on the weight format's grid (GPTQ's rounding, restored from a state): it is used as is, since
+    quantizing it again would move it (HiF4's rounding is not idempotent).
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class QuantLinear(nn.Module):
         mask: Tensor | None = None,
         act_clip: Tensor | float | None = None,
         lowrank: tuple[Tensor, Tensor] | None = None,
+        quantized_weight: Tensor | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(linear, nn.Linear):
@@ -56,9 +59,12 @@ class QuantLinear(nn.Module):
         self.register_buffer("mask", None if mask is None else _check_mask(mask, self.in_features, device))
         self.register_buffer("act_clip", None if act_clip is None else _check_clip(act_clip, device))
         down, up = (None, None) if lowrank is None else _check_lowrank(lowrank, self.in_features, self.out_features)
-        self.register_buffer("lowrank_down", None if down is None else down.to(device, weight.dtype))
-        self.register_buffer("lowrank_up", None if up is None else up.to(device, weight.dtype))
-        if self.mask is not None or down is not None or weight_format is not None:
+        # contiguous: a transposed view would take other BLAS kernels than the saved-and-loaded state's copy
+        self.register_buffer("lowrank_down", None if down is None else down.to(device, weight.dtype).contiguous())
+        self.register_buffer("lowrank_up", None if up is None else up.to(device, weight.dtype).contiguous())
+        if quantized_weight is not None:
+            weight = _check_quantized(quantized_weight, weight, weight_format)
+        elif self.mask is not None or down is not None or weight_format is not None:
             lowrank_factors = None if down is None else (self.lowrank_down, self.lowrank_up)
             weight = fold_weight(weight, self.mask, _format(weight_format, "weight_format"), lowrank_factors)
         self.weight = nn.Parameter(weight, requires_grad=False)
@@ -145,6 +151,15 @@ def _check_clip(act_clip: Tensor | float, device: torch.device) -> Tensor:
     if not ((clip > 0) & (clip <= 1)).all():  # also rejects NaN
         raise ValueError(f"act_clip ratios must be in (0, 1], got {clip.tolist()}")
     return clip
+
+
+def _check_quantized(quantized: Tensor, weight: Tensor, weight_format: str | None) -> Tensor:
+    if weight_format is None:
+        raise ValueError("quantized_weight needs the weight_format it was rounded to")
+    if not isinstance(quantized, Tensor) or quantized.shape != weight.shape:
+        got = tuple(quantized.shape) if isinstance(quantized, Tensor) else type(quantized).__name__
+        raise ValueError(f"quantized_weight must have the weight's shape {tuple(weight.shape)}, got {got}")
+    return quantized.detach().to(weight.device, weight.dtype)
 
 
 def _check_lowrank(lowrank: tuple[Tensor, Tensor], in_features: int, out_features: int) -> tuple[Tensor, Tensor]:

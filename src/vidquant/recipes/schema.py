@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vidquant import formats
+from vidquant.methods.lowrank import DEFAULT_ITERS as DEFAULT_LOWRANK_ITERS
 from vidquant.methods.smoothing import DEFAULT_EPS
 
 if TYPE_CHECKING:
@@ -52,6 +53,63 @@ class Smoothing(BaseModel):
     max_ratio: float | None = Field(DEFAULT_MAX_RATIO, ge=1.0)
 
 
+class LowRank(BaseModel):
+    """SVDQuant's low-rank branch: ``W/m ≈ up · down`` of rank r kept in BF16, the residual quantized.
+
+    The rank is capped at ``max_fraction · min(N, K)`` so that on a narrow layer the branch stays a small
+    correction instead of a full-precision copy of the weight (at Wan's 5120 the cap is 640, far above 32).
+    ``iters``: refinement rounds (re-SVD of what rounding leaves, keep the best; 0: the plain SVD branch).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    rank: int = Field(32, ge=0)  # 0: no branch
+    max_fraction: float = Field(0.125, gt=0.0, le=1.0)
+    iters: int = Field(DEFAULT_LOWRANK_ITERS, ge=0)  # methods.lowrank's default
+
+    def rank_for(self, out_features: int, in_features: int) -> int:
+        """The rank used for an ``(out_features, in_features)`` weight."""
+        return min(self.rank, int(self.max_fraction * min(out_features, in_features)))
+
+
+class GPTQ(BaseModel):
+    """GPTQ on the residual (Frantar et al.): damping relative to mean(diag H), lazy block size, act order."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = True
+    block_size: int = Field(128, ge=1)
+    damp: float = Field(0.01, gt=0.0)
+    act_order: bool = False
+
+
+class ClipSearch(BaseModel):
+    """Per layer, expert and timestep bin, the activation clip ratio of ``grid`` with the least output MSE.
+
+    ``bins`` equal timestep bins over each expert's share of the schedule; ``max_tokens`` calibration rows
+    are kept per bin and layer input to score the grid.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = True
+    bins: int = Field(4, ge=1)
+    grid: list[float] = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0]
+    max_tokens: int = Field(256, ge=1)
+
+    @field_validator("grid")
+    @classmethod
+    def _ratios(cls, grid: list[float]) -> list[float]:
+        if not grid or not all(0.0 < c <= 1.0 for c in grid):
+            raise ValueError("clip ratios must be in (0, 1]")
+        if 1.0 not in grid:
+            raise ValueError("the grid must hold 1.0 (no clipping), so the search can never do worse than none")
+        return sorted(set(grid))
+
+
+SVDQUANT_ONLY = ("lowrank", "gptq", "clip_search", "sequential_experts")
+
+
 class Recipe(BaseModel):
     """A quantization recipe; layer rules are patterns over qualified names ``"{expert}.{layer}"``.
 
@@ -65,7 +123,7 @@ class Recipe(BaseModel):
 
     name: str = Field(min_length=1)
     description: str = ""
-    method: Literal["smoothquant"] = "smoothquant"
+    method: Literal["smoothquant", "svdquant-gptq"] = "smoothquant"
     weights: str
     activations: str | None
     include: list[str] = ["*"]
@@ -74,6 +132,20 @@ class Recipe(BaseModel):
     max_protected_blocks: int | None = Field(None, ge=0)
     smoothing: Smoothing = Smoothing()
     act_clip: float | None = Field(None, gt=0.0, le=1.0)
+    # method svdquant-gptq (timestep-aware SVDQuant-GPTQ, arXiv 2605.27003) only:
+    lowrank: LowRank = LowRank()
+    gptq: GPTQ = GPTQ()
+    clip_search: ClipSearch = ClipSearch()
+    sequential_experts: bool = False  # calibrate transformer_2 on inputs made with transformer quantized
+
+    @model_validator(mode="after")
+    def _method_keys(self) -> Recipe:
+        if self.method == "smoothquant":
+            if given := [k for k in SVDQUANT_ONLY if getattr(self, k) != type(self).model_fields[k].default]:
+                raise ValueError(f"{', '.join(given)}: only with method svdquant-gptq")
+        elif self.act_clip is not None and self.clip_search.enabled:
+            raise ValueError("act_clip: a fixed clip ratio and clip_search exclude each other (disable clip_search)")
+        return self
 
     @field_validator("weights", "activations")
     @classmethod
@@ -97,7 +169,7 @@ class Recipe(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (for manifests); ``Recipe.model_validate`` turns it back into the recipe."""
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", exclude=set(SVDQUANT_ONLY) if self.method == "smoothquant" else None)
 
 
 def recipe_names() -> list[str]:

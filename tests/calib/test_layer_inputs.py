@@ -1,0 +1,94 @@
+"""Layer inputs for GPTQ and the clip search: exact X^T X, per-bin samples, determinism, non-finite rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vidquant.calib.calibrate import CalibSettings
+from vidquant.calib.capture import Reservoir
+from vidquant.calib.layer_inputs import LayerInputs, collect_layer_inputs, hessian_nbytes
+from vidquant.calib.prompts import default_prompts
+from vidquant.models import tiny, wan
+
+SETTINGS = CalibSettings(num_prompts=2, steps=4, height=32, width=32, frames=5)
+PROMPTS = default_prompts()[:2]
+BINS = 2
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny.build_tiny_pipeline()
+
+
+def _all_groups(pipe) -> dict[str, list[list[str]]]:
+    return {name: wan.input_groups(model) for name, model in wan.experts(pipe).items()}
+
+
+def test_hessian_is_xtx_of_every_call_and_samples_follow_the_bins(pipe) -> None:
+    edges = wan.expert_bin_edges(pipe, BINS)
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in wan.experts(pipe)}
+    bins: dict[str, list[int]] = {name: [] for name in wan.experts(pipe)}
+    handles = []
+    for expert, model in wan.experts(pipe).items():
+        def on_input(_m, args, expert=expert):
+            inputs[expert].append(args[0].reshape(-1, args[0].shape[-1]).clone())
+
+        def on_call(_m, args, kwargs, expert=expert):
+            bins[expert].append(wan.timestep_bin(wan.call_timestep(args, kwargs), edges[expert]))
+
+        handles += [model.get_submodule("blocks.1.ffn.net.2").register_forward_pre_hook(on_input),
+                    model.register_forward_pre_hook(on_call, with_kwargs=True)]
+    try:
+        settings = SETTINGS.model_copy(update={"steps": 12})  # enough steps to reach every bin of both experts
+        records = collect_layer_inputs(pipe, PROMPTS, settings, _all_groups(pipe), edges, max_tokens=10_000)
+    finally:
+        for h in handles:
+            h.remove()
+    for expert in wan.experts(pipe):
+        rec = records[expert]["blocks.1.ffn.net.2"]
+        x = torch.cat(inputs[expert])
+        assert rec.tokens == x.shape[0]
+        torch.testing.assert_close(rec.hessian.double(), x.double().T @ x.double(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(rec.mean_hessian(), rec.hessian / rec.tokens)
+        row_bins = torch.tensor(bins[expert]).repeat_interleave(inputs[expert][0].shape[0])
+        for b, sample in enumerate(rec.bin_samples()):
+            expected = x[row_bins == b]  # every row of the bin (max_tokens is large); None for a bin never met
+            assert torch.equal(sample, expected) if len(expected) else sample is None
+    assert set(bins["transformer_2"]) == set(range(BINS))
+
+
+def test_groups_share_one_record_and_runs_are_deterministic(pipe) -> None:
+    edges = wan.expert_bin_edges(pipe, BINS)
+    groups = {"transformer": [["blocks.0.attn1.to_q", "blocks.0.attn1.to_k"], ["blocks.0.ffn.net.0.proj"]]}
+    first = collect_layer_inputs(pipe, PROMPTS, SETTINGS, groups, edges, max_tokens=7)
+    second = collect_layer_inputs(pipe, PROMPTS, SETTINGS, groups, edges, max_tokens=7)
+    assert list(first) == ["transformer"] and list(first["transformer"]) == ["blocks.0.attn1.to_q",
+                                                                             "blocks.0.ffn.net.0.proj"]
+    assert first["transformer"]["blocks.0.attn1.to_q"].layers == ["blocks.0.attn1.to_q", "blocks.0.attn1.to_k"]
+    for key, rec in first["transformer"].items():
+        other = second["transformer"][key]
+        assert torch.equal(rec.hessian, other.hessian)
+        for a, b in zip(rec.bin_samples(), other.bin_samples(), strict=True):
+            assert a.shape[0] == 7 and torch.equal(a, b)
+
+
+def test_non_finite_rows_are_left_out() -> None:
+    rec = LayerInputs(["l"], torch.zeros(3, 3), 0, [Reservoir(8, seed=0)])
+    x = torch.tensor([[1.0, 2.0, 3.0], [float("nan"), 0.0, 0.0], [0.5, 0.0, float("inf")]])
+    rec.update(x, 0)
+    assert rec.tokens == 1 and torch.equal(rec.hessian, x[:1].T @ x[:1])
+    assert torch.equal(rec.bin_samples()[0], x[:1])
+    empty = LayerInputs(["blocks.0.x"], torch.zeros(2, 2), 0, [Reservoir(2, seed=0)])
+    assert empty.bin_samples() == [None]
+    with pytest.raises(ValueError, match="blocks.0.x"):
+        empty.mean_hessian()
+
+
+def test_hessian_nbytes_at_full_size() -> None:
+    assert hessian_nbytes(5120) == 100 * 2**20 and hessian_nbytes(13824) == 4 * 13824**2
+
+
+def test_too_few_prompts_is_a_clear_error(pipe) -> None:
+    with pytest.raises(ValueError, match="2 calibration prompts asked for, the prompt set has 1"):
+        collect_layer_inputs(pipe, PROMPTS[:1], SETTINGS, {}, {})

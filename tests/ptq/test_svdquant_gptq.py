@@ -1,0 +1,149 @@
+"""Timestep-aware SVDQuant-GPTQ end to end on the tiny pipeline: the state, its fidelity, and the wiring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import vidquant
+from vidquant import formats
+from vidquant.calib.calibrate import CalibSettings, calibrate
+from vidquant.calib.prompts import default_prompts
+from vidquant.eval.metrics import latent_rel_error
+from vidquant.models import tiny, wan
+from vidquant.nn import QuantLinear
+from vidquant.ptq import svdquant_gptq
+from vidquant.recipes import Recipe, load_recipe
+
+SETTINGS = CalibSettings(num_prompts=2, steps=6, height=32, width=32, frames=5, bins=2)
+PROMPTS = default_prompts()
+
+
+def recipe(name: str = "svdquant-gptq-hif4", **update) -> Recipe:
+    data = load_recipe(name).to_dict()
+    if data["method"] == "svdquant-gptq":
+        data["clip_search"] = {**data["clip_search"], "bins": 2}
+    return Recipe.model_validate({**data, **update})
+
+
+def run(pipe) -> np.ndarray:
+    out = pipe(prompt="a red car with a licence plate", height=32, width=32, num_frames=5, num_inference_steps=6,
+               guidance_scale=3.5, generator=torch.Generator().manual_seed(0), output_type="latent")
+    return out.frames.float().numpy()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("base")
+    tiny.build_tiny_pipeline().save_pretrained(path)
+    return path
+
+
+def fresh(base_dir: Path):
+    pipe = wan.load_pipeline(base_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def stats(base_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    return calibrate(fresh(base_dir), PROMPTS, SETTINGS, tmp_path_factory.mktemp("stats"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def state(base_dir: Path, stats):
+    return vidquant.quantize(fresh(base_dir), recipe(), stats)
+
+
+def test_state_holds_packed_residuals_branches_and_bin_clips(base_dir: Path, state) -> None:
+    pipe = fresh(base_dir)
+    fmt = formats.get("hif4")
+    assert set(state.timestep_bins) == {"transformer", "transformer_2"}
+    assert all(len(edges) == 3 for edges in state.timestep_bins.values())
+    for name, layer in state.layers.items():
+        expert, module_name = name.split(".", 1)
+        weight = wan.experts(pipe)[expert].get_submodule(module_name).weight
+        n, k = weight.shape
+        assert layer.weight_packed.dtype == torch.uint8 and layer.weight_packed.numel() == fmt.packed_nbytes(n, k)
+        rank = load_recipe("svdquant-gptq-hif4").lowrank.rank_for(n, k)
+        assert layer.lowrank_down.shape == (rank, k) and layer.lowrank_up.shape == (n, rank)
+        assert layer.act_clip.shape == (2,) and ((layer.act_clip > 0) & (layer.act_clip <= 1)).all()
+        assert layer.mask is not None
+    assert any((layer.act_clip < 1).any() for layer in state.layers.values())  # the search does clip somewhere
+
+
+def test_save_load_apply_is_bit_identical_and_beats_tail_aware(base_dir: Path, stats, state, tmp_path: Path) -> None:
+    pipe = fresh(base_dir)
+    reference = run(pipe)
+    tail_aware = fresh(base_dir)
+    vidquant.apply(tail_aware, vidquant.quantize(tail_aware, "tail-aware-hif4", stats))
+    vidquant.apply(pipe, state)
+    in_memory = run(pipe)
+    state.save(tmp_path / "state")
+    restored = fresh(base_dir)
+    vidquant.apply(restored, vidquant.load_state(tmp_path / "state"))
+    assert run(restored).tobytes() == in_memory.tobytes()
+    assert all(isinstance(m, QuantLinear) for m in (wan.experts(restored)["transformer"].get_submodule(n)
+                                                    for n in state.plan["quantized"] if n.startswith("blocks")))
+    ours, theirs = latent_rel_error(reference, in_memory), latent_rel_error(reference, run(tail_aware))
+    assert 0 < ours < 0.8 * theirs, (ours, theirs)
+
+
+def test_quantize_leaves_the_pipeline_unchanged_and_sequential_moves_only_the_second_expert(
+    base_dir: Path, stats, state
+) -> None:
+    pipe = fresh(base_dir)
+    before = wan.fingerprint(pipe)
+    sequential = vidquant.quantize(pipe, recipe(sequential_experts=True), stats)
+    assert wan.fingerprint(pipe) == before
+    assert all(type(m) is nn.Linear for model in wan.experts(pipe).values() for m in wan.target_linears(model).values())
+    assert all(not hasattr(model, "_vidquant_timestep_hook") for model in wan.experts(pipe).values())
+    for name, layer in state.layers.items():
+        same = torch.equal(layer.weight_packed, sequential.layers[name].weight_packed)
+        assert same if name.startswith("transformer.") else True
+    assert any(not torch.equal(layer.weight_packed, sequential.layers[name].weight_packed)
+               for name, layer in state.layers.items() if name.startswith("transformer_2."))
+
+
+def test_passes_within_a_hessian_budget_and_resume_give_the_same_state(
+    base_dir: Path, stats, state, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real = svdquant_gptq.collect_layer_inputs
+
+    def failing_second_pass(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 and interrupt:
+            raise Interrupted  # an interruption after the first pass was saved
+        return real(*args, **kwargs)
+
+    class Interrupted(Exception):
+        pass
+
+    interrupt = True
+
+    monkeypatch.setattr(svdquant_gptq, "collect_layer_inputs", failing_second_pass)
+    budget = 60 * 2**10 / 2**30  # 60 KiB: a third of the tiny model's Hessians (152 KiB), so three passes
+    with pytest.raises(Interrupted):
+        vidquant.quantize(fresh(base_dir), recipe(), stats, checkpoint=tmp_path / "partial", hessian_budget_gb=budget)
+    saved = vidquant.load_state(tmp_path / "partial")
+    assert 0 < len(saved.layers) < len(state.layers)
+    calls.clear()
+    interrupt = False
+    resumed = vidquant.quantize(fresh(base_dir), recipe(), stats, checkpoint=tmp_path / "partial",
+                                hessian_budget_gb=budget)
+    assert len(calls) >= 2  # the remaining passes only
+    for name, layer in state.layers.items():
+        for key, tensor in layer.tensors().items():
+            assert torch.equal(tensor, resumed.layers[name].tensors()[key]), (name, key)
+
+
+def test_svdquant_needs_statistics_and_their_prompts(base_dir: Path, stats) -> None:
+    with pytest.raises(ValueError, match="calibration protocol.*--stats"):
+        vidquant.quantize(fresh(base_dir), recipe(), None)
+    with pytest.raises(ValueError, match="other prompts"):
+        vidquant.quantize(fresh(base_dir), recipe(), stats, prompts=PROMPTS[5:])
