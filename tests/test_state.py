@@ -127,3 +127,22 @@ def test_cli_quantize_and_inspect(tmp_path: Path) -> None:
     result = runner.invoke(app, ["quantize", "--model", "tiny", "--recipe", "nope", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "nope" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_an_edited_manifest_is_refused_and_old_states_still_load(base_dir: Path, tmp_path: Path) -> None:
+    state = vidquant.quantize(fresh(base_dir), "rtn-hif4", None)
+    state.save(tmp_path / "s")
+    manifest_file = tmp_path / "s" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["layers"]["transformer.blocks.0.attn1.to_q"]["weight_format"] = "int4"
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="manifest_sha256.*does not match"):
+        vidquant.load_state(tmp_path / "s")
+    del manifest["manifest_sha256"]  # dropping the seal does not help either
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="manifest_sha256"):
+        vidquant.load_state(tmp_path / "s")
+    manifest["format_version"] = 2  # a state written before the seal existed loads as it did
+    manifest["layers"]["transformer.blocks.0.attn1.to_q"]["weight_format"] = "hif4"
+    manifest_file.write_text(json.dumps(manifest))
+    assert vidquant.load_state(tmp_path / "s").fingerprint() == state.fingerprint()

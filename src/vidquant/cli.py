@@ -124,20 +124,25 @@ def quantize_cmd(
     svdquant-gptq runs the pipeline again on the calibration prompts (the statistics' protocol) for each
     layer's Hessian and per-timestep-bin inputs; finished layers are kept in OUT.partial for a rerun.
     """
-    import shutil
-
     from .calib.prompts import load_prompts
     from .calib.stats import load_stats
+    from .outputs import locked_output
     from .ptq import quantize
+    from .recipes import load_recipe
+    from .state import STATE_FILES, remove_state
 
     partial = out.with_name(out.name + ".partial")
     try:
-        pipe = _load_model(model, i2v)
-        state = quantize(pipe, recipe, load_stats(stats) if stats else None, progress=True,
-                         prompts=load_prompts(prompts) if prompts else None, checkpoint=partial,
-                         hessian_budget_gb=hessian_budget_gb)
-        state.save(out)
-        shutil.rmtree(partial, ignore_errors=True)
+        the_recipe = load_recipe(recipe)  # bad input fails before anything is created
+        calibration = load_stats(stats) if stats else None
+        with locked_output(out, STATE_FILES, "PTQ state"):
+            pipe = _load_model(model, i2v)
+            state = quantize(pipe, the_recipe, calibration, progress=True,
+                             prompts=load_prompts(prompts) if prompts else None, checkpoint=partial,
+                             hessian_budget_gb=hessian_budget_gb)
+            state.save(out)
+            if partial.exists():
+                remove_state(partial)
     except ValueError as err:
         _fail(str(err))
     _print_state(out)

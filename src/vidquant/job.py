@@ -9,8 +9,8 @@ skipped), so a rerun after an interruption continues where it stopped:
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +26,13 @@ from .eval.generate import check_pair, generate_videos, load_frames
 from .eval.probes import weight_bytes
 from .eval.protocol import Protocol
 from .eval.report import ActivationTail, Metric, PromptResult, ReportData, write_report
-from .eval.vbench import run_vbench, vbench_status
+from .eval.vbench import VBenchError, check_vbench_paths, run_vbench, vbench_status
 from .methods.fidelity import binned_sqnr
 from .models import wan
+from .outputs import locked_output
 from .ptq import quantize
 from .recipes import Recipe
-from .state import PTQState, apply, load_state, quant_linear
+from .state import PTQState, apply, load_state, quant_linear, remove_state, verify
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 REPORT_NAME = {"temporal_flickering": "temporal_flickering", "motion_smoothness": "motion_smoothness_proxy",
                "subject_consistency": "subject_consistency_proxy"}
 HELD_OUT_SEED_OFFSET = 10_000  # fidelity inputs: seeds clear of the calibration prompts' seed + i
+RUN_OWNED = ("stats", "state", "state.partial", "videos", "report", "vbench")  # what a run folder may hold
 
 
 @dataclass
@@ -57,18 +59,30 @@ class Job:
 
 
 def run(pipe, job: Job, *, progress: bool = True) -> Path:
-    """Run every stage (reusing artifacts); return the path of report.html."""
+    """Run every stage (reusing artifacts whose inputs are unchanged); return the path of report.html."""
+    use_vbench = job.vbench and vbench_status()[0]
+    if use_vbench:
+        check_vbench_paths(job.out / "videos" / "bf16", job.out / "vbench")  # before any long work
+    with locked_output(job.out, RUN_OWNED, "vidquant run folder"):
+        return _run(pipe, job, use_vbench, progress)
+
+
+def _run(pipe, job: Job, use_vbench: bool, progress: bool) -> Path:
     _check_writable(job.out)
     stats = None
     if job.recipe.smoothing.statistic != "none" or job.recipe.method == "svdquant-gptq":
         stats = calibrate(pipe, job.calib_prompts, job.calib, job.out / "stats", progress=progress)
     state = _state(pipe, job, stats)
+    model_source = stats.meta["model_fingerprint"] if stats is not None else wan.fingerprint(pipe)
+    quantized_source = hashlib.sha256(f"{model_source}\n{state.fingerprint()}".encode()).hexdigest()
     sqnr = _fidelity(pipe, job, state) if job.fidelity_prompts else []
     bf16_bytes = weight_bytes(pipe)
-    bf16 = generate_videos(pipe, job.eval_prompts, job.protocol, job.out / "videos" / "bf16", progress=progress)
+    bf16 = generate_videos(pipe, job.eval_prompts, job.protocol, job.out / "videos" / "bf16", progress=progress,
+                           source=model_source, replace_stale=True)
     apply(pipe, state)
     quant_bytes = weight_bytes(pipe)
-    generate_videos(pipe, job.eval_prompts, job.protocol, job.out / "videos" / "quantized", progress=progress)
+    generate_videos(pipe, job.eval_prompts, job.protocol, job.out / "videos" / "quantized", progress=progress,
+                    source=quantized_source, replace_stale=True)
     pairs = check_pair(job.out / "videos" / "bf16", job.out / "videos" / "quantized")
     rows = [metrics.compare_videos(ref, test) for ref, test in pairs]
     summary = metrics.summarize(rows)
@@ -85,11 +99,14 @@ def run(pipe, job: Job, *, progress: bool = True) -> Path:
                _mean(test.seconds_per_step for _, test in pairs), group="cost", higher_is_better=False),
     ]
     notes = []
-    available, message = vbench_status()
-    if job.vbench and available:
-        table += _vbench_metrics(job.out)
-    else:
-        notes.append(message)
+    if use_vbench:
+        try:
+            table += _vbench_metrics(job.out)
+        except (VBenchError, ValueError, OSError) as err:  # an optional scorer must not cost the report
+            logger.error("VBench failed, the report goes without it: %s", err)
+            notes.append(f"VBench failed, so its dimensions are missing: {err}")
+    elif job.vbench:
+        notes.append(vbench_status()[1])
     prompts = [
         PromptResult(
             prompt=ref.prompt,
@@ -128,19 +145,34 @@ def _check_writable(out: Path) -> None:
 
 
 def _state(pipe, job: Job, stats: CalibStats | None) -> PTQState:
-    """The state in out/state when it was made by this recipe, else a new one (saved there)."""
+    """The state in out/state when it was made by this recipe from these statistics for this model, else a new one."""
     path = job.out / "state"
     if (path / "manifest.json").is_file():
         state = load_state(path)
-        if state.recipe == job.recipe.to_dict():
+        stale = _stale(pipe, state, job.recipe, stats)
+        if stale is None:
             logger.info("reusing the PTQ state in %s", path)
             return state
-        logger.info("%s holds a state of another recipe: quantizing again", path)
+        logger.info("%s holds a state made from other inputs (%s): quantizing again", path, stale)
     partial = job.out / "state.partial"  # svdquant-gptq's finished layers, for a rerun after an interruption
     state = quantize(pipe, job.recipe, stats, prompts=job.calib_prompts, progress=True, checkpoint=partial)
     state.save(path)
-    shutil.rmtree(partial, ignore_errors=True)
+    if partial.exists():
+        remove_state(partial)
     return state
+
+
+def _stale(pipe, state: PTQState, recipe: Recipe, stats: CalibStats | None) -> str | None:
+    """Why ``state`` is not the one ``recipe`` makes from ``stats`` for ``pipe`` (None: it is)."""
+    if state.recipe != recipe.to_dict():
+        return "another recipe"
+    if state.base.get("stats_fingerprint") != (None if stats is None else stats.fingerprint()):
+        return "other calibration statistics"
+    try:
+        verify(pipe, state)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def _fidelity(pipe, job: Job, state: PTQState) -> list[dict]:

@@ -15,26 +15,27 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import __version__, formats
+from .atomic import atomic_path
+from .checksum import check_seal, file_sha256, hash_tensor, seal, tensor_sha256
 from .models import wan
 from .nn import QuantLinear, swap
+from .outputs import check_output
+from .safeio import TensorSpec, read_safetensors
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: low-rank factors, packed weights, timestep bins (version 1 states still load)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3: the manifest checksums itself; 2: low-rank, packed weights, bins (1 and 2 still load)
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
+STATE_FILES = (MANIFEST, TENSORS)
 LAYER_TENSORS = ("mask", "act_clip", "lowrank_down", "lowrank_up", "weight_packed")
 
 
@@ -87,27 +88,30 @@ class PTQState:
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write the state to ``directory`` atomically (a complete old state stays until the new one is)."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-        try:
-            tensors = {f"{name}.{k}": v.detach().contiguous().cpu()
-                       for name, s in self.layers.items() for k, v in s.tensors().items()}
-            save_file(tensors, tmp / TENSORS)
-            manifest = self.manifest(_file_sha256(tmp / TENSORS))
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            old = None
-            if directory.exists():
-                old = directory.with_name(tmp.name + ".old")
-                os.replace(directory, old)
-            os.replace(tmp, directory)
-            if old is not None:
-                shutil.rmtree(old)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+        """Write the state into ``directory``: empty, new, or a state already (never anything else).
+
+        Each file is written to a temporary name and renamed, the manifest last: it holds the tensors'
+        checksum, so a reader sees the old state, the new one, or a checksum error, never a mix.
+        """
+        directory = check_output(directory, STATE_FILES, "PTQ state")
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{name}.{k}": v.detach().contiguous().cpu()
+                   for name, s in self.layers.items() for k, v in s.tensors().items()}
+        with atomic_path(directory / TENSORS) as tmp:
+            save_file(tensors, tmp)
+            tensors_sha256 = file_sha256(tmp)
+        with atomic_path(directory / MANIFEST) as tmp:
+            tmp.write_text(json.dumps(seal(self.manifest(tensors_sha256)), indent=1, sort_keys=True))
         return directory
+
+    def fingerprint(self) -> str:
+        """sha256 of what the state does (manifest fields and tensor bytes), independent of file layout."""
+        digest = hashlib.sha256(json.dumps(self.manifest(""), sort_keys=True).encode())
+        for name in sorted(self.layers):  # a loaded state lists its layers in the manifest's sorted order
+            for key, tensor in sorted(self.layers[name].tensors().items()):
+                digest.update(f"\n{name}.{key}".encode())
+                hash_tensor(digest, tensor)
+        return digest.hexdigest()
 
 
 def load_state(directory: str | Path) -> PTQState:
@@ -121,31 +125,29 @@ def load_state(directory: str | Path) -> PTQState:
         manifest = json.loads(manifest_file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{manifest_file}: unreadable manifest ({err})") from err
-    if manifest.get("format_version") not in READABLE_VERSIONS:
-        raise ValueError(f"{manifest_file}: state format version {manifest.get('format_version')} is not one "
+    if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_VERSIONS:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise ValueError(f"{manifest_file}: state format version {version} is not one "
                          f"this vidquant reads ({', '.join(map(str, READABLE_VERSIONS))})")
-    if _file_sha256(tensors_file) != manifest.get("tensors_sha256"):
+    if manifest["format_version"] >= 3:
+        check_seal(manifest, manifest_file)
+    if file_sha256(tensors_file) != manifest.get("tensors_sha256"):
         raise ValueError(f"{tensors_file}: checksum differs from the manifest's (truncated or modified)")
-    try:
-        tensors = load_file(tensors_file)
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{tensors_file}: unreadable ({err})") from err
+    expected = {f"{name}.{k}": TensorSpec() for name, info in manifest["layers"].items() for k in info["tensors"]}
+    tensors, _ = read_safetensors(tensors_file, expected, what="PTQ state")  # names checked before allocation
     layers = {}
     for name, info in manifest["layers"].items():
-        missing = [k for k in info["tensors"] if f"{name}.{k}" not in tensors]
-        if missing:
-            raise ValueError(f"{tensors_file}: layer {name} lacks its tensors {missing}")
         layers[name] = LayerState(info["weight_format"], info["act_format"], info["weight_sha256"],
                                   **{k: tensors[f"{name}.{k}"] for k in info["tensors"]})
     return PTQState(layers, manifest["recipe"], manifest["base"], manifest.get("plan", {}),
                     manifest["library_version"], manifest.get("timestep_bins", {}))
 
 
-def apply(pipe, state: PTQState) -> None:
-    """Quantize ``pipe`` in place under ``state``: every listed Linear becomes a `QuantLinear`.
+def verify(pipe, state: PTQState) -> list[tuple[nn.Module, str, nn.Linear, LayerState]]:
+    """Check that ``pipe`` is the base checkpoint ``state`` was made for; return what `apply` swaps.
 
-    Checks first, before any module changes, that ``pipe`` is the base checkpoint the state was made for:
-    the same configs, and for every layer the same weight (sha256); the error names what differs.
+    The same configs, and for every layer a plain Linear with the same weight (sha256); the error names
+    what differs. Cheap next to generation, so long jobs call it before any work.
     """
     config = wan.config_fingerprint(pipe)
     if config != state.base["config_sha256"]:
@@ -159,7 +161,7 @@ def apply(pipe, state: PTQState) -> None:
         if not isinstance(module, nn.Linear) or isinstance(module, QuantLinear):
             kind = "missing" if module is None else type(module).__name__
             raise ValueError(f"layer {name}: expected a plain nn.Linear in the base pipeline, found {kind}")
-        if wan.tensor_sha256(module.weight) != layer.weight_sha256:
+        if tensor_sha256(module.weight) != layer.weight_sha256:
             raise ValueError(f"layer {name}: its weight differs from the one this state was made for "
                              "(another checkpoint, a fine-tune, or another dtype)")
         if layer.act_clip is not None and layer.act_clip.dim() == 1:
@@ -168,10 +170,29 @@ def apply(pipe, state: PTQState) -> None:
                 raise ValueError(f"layer {name}: {layer.act_clip.numel()} per-bin clip ratios, but the state has "
                                  f"{'no' if edges is None else len(edges) - 1} timestep bins for {expert}")
         targets.append((experts[expert], module_name, module, layer))
+    return targets
+
+
+def apply(pipe, state: PTQState) -> None:
+    """Quantize ``pipe`` in place under ``state``: every listed Linear becomes a `QuantLinear`.
+
+    `verify` runs first, before any module changes.
+    """
+    targets = verify(pipe, state)
     for model, module_name, module, layer in targets:
         swap(model, module_name, quant_linear(module, layer))
     wan.publish_timestep_bins(pipe, state.timestep_bins)
     logger.info("applied a PTQ state: %d Linears quantized", len(targets))
+
+
+def remove_state(directory: str | Path) -> None:
+    """Delete a state folder written by `PTQState.save` (a checkpoint); refuse one holding anything else."""
+    directory = check_output(directory, STATE_FILES, "PTQ state")
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():  # only our own files are left, `check_output` made sure
+        entry.unlink()
+    directory.rmdir()
 
 
 def quant_linear(module: nn.Linear, layer: LayerState) -> QuantLinear:
@@ -193,11 +214,3 @@ def _submodule(model: nn.Module | None, name: str) -> nn.Module | None:
         return None if model is None else model.get_submodule(name)
     except AttributeError:
         return None
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -176,3 +176,28 @@ def test_fused_cpu_update_equals_the_torch_ops(monkeypatch) -> None:
         plain.update(x[i], i % 2, 1)
     for name in ("absmax", "tokens", "token_absmax"):
         assert torch.equal(getattr(fused, name), getattr(plain, name)), name
+
+
+def test_a_flipped_byte_or_an_edited_header_is_refused(reference, tmp_path: Path) -> None:
+    stats, _ = reference
+    stats.save(tmp_path)
+    file = tmp_path / "stats.safetensors"
+    data = bytearray(file.read_bytes())
+    data[-5] ^= 0x40  # a byte of the last tensor's data
+    file.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum differs"):
+        load_stats(tmp_path)
+    stats.save(tmp_path)
+    data = file.read_bytes()
+    edited = data.replace(b'\\"bins\\": 2', b'\\"bins\\": 3', 1)  # in the JSON metadata of the header
+    assert edited != data
+    file.write_bytes(edited)
+    with pytest.raises(ValueError, match="checksum differs"):
+        load_stats(tmp_path)
+
+
+def test_calibrate_refuses_a_foreign_folder(t2v, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a statistics folder"):
+        calibrate(t2v, default_prompts(), SETTINGS, tmp_path, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

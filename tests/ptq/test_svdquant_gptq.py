@@ -156,3 +156,30 @@ def test_svdquant_needs_statistics_and_their_prompts(base_dir: Path, stats) -> N
         vidquant.quantize(fresh(base_dir), recipe(), None)
     with pytest.raises(ValueError, match="other prompts"):
         vidquant.quantize(fresh(base_dir), recipe(), stats, prompts=PROMPTS[5:])
+
+
+def test_a_checkpoint_made_from_other_statistics_is_not_resumed(
+    base_dir: Path, stats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = calibrate(fresh(base_dir), PROMPTS, SETTINGS.model_copy(update={"seed": 7}), tmp_path / "other",
+                      progress=False)
+    real = svdquant_gptq.collect_layer_inputs
+    calls = []
+
+    def interrupted_after_one_pass(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(svdquant_gptq, "collect_layer_inputs", interrupted_after_one_pass)
+    budget = 60 * 2**10 / 2**30  # three passes
+    with pytest.raises(KeyboardInterrupt):
+        vidquant.quantize(fresh(base_dir), recipe(), stats, checkpoint=tmp_path / "partial", hessian_budget_gb=budget)
+    assert vidquant.load_state(tmp_path / "partial").layers
+    monkeypatch.setattr(svdquant_gptq, "collect_layer_inputs", real)
+    with caplog.at_level("WARNING"):
+        state = vidquant.quantize(fresh(base_dir), recipe(), other, checkpoint=tmp_path / "partial",
+                                  hessian_budget_gb=budget)
+    assert "made from other inputs (base stats_fingerprint" in caplog.text
+    assert state.base["stats_fingerprint"] == other.fingerprint() != stats.fingerprint()

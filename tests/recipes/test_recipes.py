@@ -222,7 +222,7 @@ def test_user_file_loads_and_takes_its_file_name(tmp_path: Path) -> None:
         ("weights: hif4\nactivations: hif4\nmethod: svdquant-gptq\nlowrank: {rnak: 8}\n", "unknown key 'lowrank.rnak'"),
         ("weights: hif4\nactivations: hif4\nprotect_blocks: [a]\n", r"protect_blocks.0: "),
         ("weights: hif4\nactivations: hif4\nmax_protected_blocks: -1\n", "max_protected_blocks: "),
-        ("weights: hif4\nactivations: hif4\nprotect: ['re:(']\n", r"protect: invalid regular expression in 're:\('"),
+        ("weights: hif4\nactivations: hif4\nprotect: ['re:(']\n", r"protect: invalid regular expression in pattern 're:\('"),
         ("weights: hif4\nactivations: hif4\ninclude: ['']\n", "include: empty pattern"),
         ("activations: hif4\n", "missing key 'weights'"),
         (

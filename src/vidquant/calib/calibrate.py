@@ -10,7 +10,8 @@ settings.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -22,10 +23,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import __version__
 from ..eval.protocol import Protocol
 from ..models import wan
+from ..outputs import check_output, locked_output
 from . import histogram
 from .collector import collecting
 from .prompts import prompt_set_hash
-from .stats import FORMAT_VERSION, STATS_FILE, TAIL_KEYS, CalibStats, InputStats, load_stats
+from .stats import FORMAT_VERSION, STATS_FILE, STATS_OWNED, TAIL_KEYS, CalibStats, InputStats, load_stats
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,29 @@ def calibrate(
         raise ValueError(f"{settings.num_prompts} calibration prompts asked for, the prompt set has {len(prompts)}")
     prompts = prompts[: settings.num_prompts]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    # one process holds the folder's lock; torchrun's ranks share it, each writing its own file
+    guard = locked_output(out, STATS_OWNED, "statistics folder") if rank == 0 else _checked(out)
+    with guard:
+        if world > 1:
+            dist.barrier()  # rank 0 has created the folder and removed stale temp files
+        stats = _calibrate_rank(pipe, prompts, settings, out, rank, world, progress)
+        if world > 1:
+            stats = _all_reduce(stats)
+            stats.meta["prompts_done"], stats.meta["world_size"] = len(prompts), 1
+            if rank == 0:
+                stats.save(out)
+    _report_nonfinite(stats)
+    return stats
+
+
+@contextmanager
+def _checked(out: Path) -> Iterator[Path]:
+    yield check_output(out, STATS_OWNED, "statistics folder")
+
+
+def _calibrate_rank(pipe, prompts: list[str], settings: CalibSettings, out: Path, rank: int, world: int,
+                    progress: bool) -> CalibStats:
+    """This process's share of the prompts (resuming its file in ``out``), statistics not yet merged."""
     device = next(wan.experts(pipe)["transformer"].parameters()).device
     stats = new_stats(pipe, settings, prompts, device)
     stats.meta["world_size"] = world
@@ -100,9 +125,6 @@ def calibrate(
         _check_resumable(old.meta, stats.meta, file)
         stats = old
         logger.info("resuming %s: %d of %d prompts done", file, stats.meta["prompts_done"], len(mine))
-    elif out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
 
     pipe.set_progress_bar_config(disable=True)
     todo = mine[stats.meta["prompts_done"] :]
@@ -123,15 +145,7 @@ def calibrate(
             stats.meta["prompts_done"] += 1
             stats.save(out, file.name)
             bar.advance(prompt_task)
-    if world > 1:
-        stats = _all_reduce(stats)
-        stats.meta["prompts_done"], stats.meta["world_size"] = len(prompts), 1
-        if rank == 0:
-            stats.save(out)
-    _report_nonfinite(stats)
     return stats
-
-
 def generate(pipe, prompt: str, settings: CalibSettings, *, seed: int, on_step: Callable[[], None]) -> None:
     """One calibration generation: the settings' protocol, latents only (the VAE adds nothing here)."""
 

@@ -8,6 +8,7 @@ of per-call percentiles. Memory does not grow with tokens, steps or prompts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -16,12 +17,13 @@ from pathlib import Path
 import numba
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from ..atomic import atomic_path
+from ..checksum import tensors_sha256
 from ..formats.base import use_cpu_kernels
+from ..safeio import TensorSpec, read_header, read_safetensors
 from . import histogram
 from .histogram import TailHistogram
 
@@ -30,7 +32,10 @@ logger = logging.getLogger(__name__)
 BRANCHES = ("cond", "uncond")
 STATS_FILE = "stats.safetensors"
 META_FILE = "meta.json"
-FORMAT_VERSION = 1
+STATS_OWNED = (STATS_FILE, META_FILE, "rank*-of-*.safetensors")  # what a statistics folder may hold
+FORMAT_VERSION = 2  # 2: a checksum of metadata and tensors in the header
+READABLE_VERSIONS = (1, 2)  # version 1 has no checksum to verify
+CHECKSUM_KEY = "vidquant_sha256"
 # Per-token absmax distribution: quarter-octave buckets over [2^-32, 2^32), plus underflow/overflow.
 TOKEN_MIN_EXP, TOKEN_MAX_EXP = -32, 32
 TOKEN_BUCKETS = (TOKEN_MAX_EXP - TOKEN_MIN_EXP) * 4 + 2
@@ -228,10 +233,18 @@ class CalibStats:
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         header = json.dumps(self.meta, sort_keys=True)
         with atomic_path(directory / filename) as tmp:
-            save_file(tensors, tmp, metadata={"vidquant": header})
+            save_file(tensors, tmp, metadata={"vidquant": header, CHECKSUM_KEY: stats_checksum(header, tensors)})
         if filename == STATS_FILE:
             with atomic_path(directory / META_FILE) as tmp:
                 tmp.write_text(json.dumps(self.meta, indent=1))
+
+    def fingerprint(self) -> str:
+        """sha256 of the metadata and every statistic: what a state made from these statistics records."""
+        tensors = {}
+        for expert, observers in self.inputs.items():
+            for name, obs in observers.items():
+                tensors.update(obs.tensors(f"{expert}/{name}"))
+        return stats_checksum(json.dumps(self.meta, sort_keys=True), tensors)
 
     def _expert(self, expert: str) -> dict[str, InputStats]:
         if expert not in self.inputs:
@@ -254,13 +267,24 @@ class CalibStats:
         return branch
 
 
+def stats_checksum(header: str, tensors: dict[str, Tensor]) -> str:
+    """sha256 of the metadata JSON and the named tensors (layout-independent): a flipped byte changes it."""
+    return hashlib.sha256(f"{header}\n{tensors_sha256(tensors)}".encode()).hexdigest()
+
+
 def read_meta(path: str | Path) -> dict:
-    """The metadata stored in the header of a stats file."""
-    with safe_open(str(path), framework="pt") as f:
-        header = (f.metadata() or {}).get("vidquant")
+    """The metadata stored in the header of a stats file (the header is validated, no tensor is read)."""
+    _, metadata = read_header(path)
+    header = metadata.get("vidquant")
     if header is None:
         raise ValueError(f"{path}: not a vidquant statistics file (no 'vidquant' metadata in its header)")
-    return json.loads(header)
+    try:
+        meta = json.loads(header)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: unreadable statistics metadata ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the statistics metadata is not a JSON object")
+    return meta
 
 
 def load_stats(path: str | Path, device: str | torch.device = "cpu") -> CalibStats:
@@ -269,23 +293,33 @@ def load_stats(path: str | Path, device: str | torch.device = "cpu") -> CalibSta
     file = path / STATS_FILE if path.is_dir() else path
     if not file.is_file():
         raise ValueError(f"{path}: no {STATS_FILE} here; run `vidquant calibrate --out {path}` first")
+    meta = read_meta(file)
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise ValueError(
+            f"{file}: statistics format version {meta.get('format_version')} is not one this vidquant reads "
+            f"({', '.join(map(str, READABLE_VERSIONS))}); recalibrate with this vidquant"
+        )
     try:
-        meta = read_meta(file)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{file}: statistics format version {meta.get('format_version')} is not "
-                f"{FORMAT_VERSION}; recalibrate with this vidquant"
-            )
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except (OSError, json.JSONDecodeError, KeyError) as err:
-        raise ValueError(f"{file}: unreadable statistics ({err})") from err
-    n_tails = 1 if meta["settings"]["tail_keys"] == "total" else meta["settings"]["bins"] * len(BRANCHES)
-    inputs = {
-        expert: {
-            name: InputStats.from_tensors(layers, f"{expert}/{name}", tensors, n_tails)
-            for name, layers in info["observers"].items()
+        prefixes = tuple(f"{expert}/{name}/" for expert, info in meta["experts"].items() for name in info["observers"])
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{file}: statistics metadata without a valid 'experts' map ({err!r})") from None
+
+    def known(name: str) -> TensorSpec | None:  # tensors of the observers the metadata lists, nothing else
+        return TensorSpec() if name.startswith(prefixes) else None
+
+    tensors, metadata = read_safetensors(file, known, device=device, what="calibration statistics")
+    if meta["format_version"] >= 2 and metadata.get(CHECKSUM_KEY) != stats_checksum(metadata["vidquant"], tensors):
+        raise ValueError(f"{file}: checksum differs from the one written with the statistics (corrupted or edited); "
+                         "calibrate again")
+    try:
+        n_tails = 1 if meta["settings"]["tail_keys"] == "total" else meta["settings"]["bins"] * len(BRANCHES)
+        inputs = {
+            expert: {
+                name: InputStats.from_tensors(layers, f"{expert}/{name}", tensors, n_tails)
+                for name, layers in info["observers"].items()
+            }
+            for expert, info in meta["experts"].items()
         }
-        for expert, info in meta["experts"].items()
-    }
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{file}: statistics metadata and tensors do not match ({err!r})") from None
     return CalibStats(inputs, meta)

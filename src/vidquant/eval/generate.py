@@ -31,12 +31,14 @@ import imageio_ffmpeg
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from vidquant import __version__
 from vidquant.atomic import atomic_path
 from vidquant.eval.probes import PeakMemory, StepTimer, peak_memory
 from vidquant.eval.protocol import Protocol
+from vidquant.outputs import LOCK_FILE, check_output
+from vidquant.safeio import TensorSpec, read_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ MP4_CRF = 12  # x264 constant quality: visually lossless, so VBench scores see t
 _UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]")
 _SIDECAR = re.compile(r"-(\d+)\.json$")
 SUFFIXES = {"mp4": ".mp4", "frames": ".frames.npz", "latents": ".latents.safetensors", "sidecar": ".json"}
+VIDEO_OWNED = (PROMPTS_FILE, PROTOCOL_FILE, *(f"*-[0-9]*{suffix}" for suffix in SUFFIXES.values()))
 
 
 @dataclass(frozen=True)
@@ -85,19 +88,27 @@ def generate_videos(
     *,
     progress: bool = True,
     on_step: Callable[[], None] | None = None,
+    source: str | None = None,
+    replace_stale: bool = False,
 ) -> list[VideoRecord]:
     """Generate (or resume) one video per prompt under ``protocol``; return their records in prompt order.
 
     A prompt whose sidecar already holds this protocol and prompt is not generated again. ``out_dir``
-    belongs to one protocol and one prompt list: another protocol, or another prompt at an index already
-    done, raises a ValueError naming the directory.
+    belongs to one protocol, one prompt list and one ``source`` (a fingerprint of the model and state
+    that make the videos): another protocol, another prompt at an index already done, or another source
+    raises a ValueError naming the directory. With ``replace_stale`` a folder of ours made from another
+    source is emptied of its videos first (the main job's own folders), never anything else.
     """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a directory")
+    out = check_output(out_dir, VIDEO_OWNED, "video folder")
     out.mkdir(parents=True, exist_ok=True)
     records = load_records(out)
-    _claim(out, protocol, records)
+    if replace_stale and _stored_source(out) not in (None, source):
+        logger.info("%s: videos of another model or state, generating them again", out)
+        for entry in out.iterdir():
+            if entry.is_file() and entry.name != LOCK_FILE:
+                entry.unlink()
+        records = []
+    _claim(out, protocol, records, source)
     done = {r.index: r for r in records}
     for index, prompt in enumerate(prompts):
         old = done.get(index)
@@ -241,7 +252,7 @@ def load_frames(record: VideoRecord) -> np.ndarray:
 
 def load_latents(record: VideoRecord) -> torch.Tensor:
     """The final denoised latents of a record (batch 1, channels, latent frames, height, width)."""
-    return load_file(str(record.paths["latents"]))["latents"]
+    return read_safetensors(record.paths["latents"], {"latents": TensorSpec()}, what="latents")[0]["latents"]
 
 
 def load_records(directory: str | Path) -> list[VideoRecord]:
@@ -310,8 +321,13 @@ def _protocol_diff(a: Path, b: Path) -> str:
     return ", ".join(f"{k} {protocols[0].get(k)} vs {protocols[1].get(k)}" for k in keys) or "fingerprints differ"
 
 
-def _claim(out: Path, protocol: Protocol, records: list[VideoRecord]) -> None:
-    """Record the directory's protocol, or refuse one made under another protocol."""
+def _stored_source(out: Path) -> str | None:
+    file = out / PROTOCOL_FILE
+    return json.loads(file.read_text()).get("source") if file.is_file() else None
+
+
+def _claim(out: Path, protocol: Protocol, records: list[VideoRecord], source: str | None) -> None:
+    """Record the directory's protocol and source, or refuse one made under another protocol or source."""
     fingerprint = protocol.fingerprint()
     file = out / PROTOCOL_FILE
     stored = {json.loads(file.read_text())["fingerprint"]} if file.is_file() else set()
@@ -321,8 +337,12 @@ def _claim(out: Path, protocol: Protocol, records: list[VideoRecord]) -> None:
             f"{out}: holds videos generated under another protocol than {protocol.model_dump()}; "
             "use another directory or delete it"
         )
+    if file.is_file() and (old := _stored_source(out)) != source:
+        raise ValueError(f"{out}: holds videos of another model or state (source {str(old)[:12]} vs now "
+                         f"{str(source)[:12]}); use another directory or delete it")
     if not file.is_file():
-        _write_json(file, {"fingerprint": fingerprint, "protocol": protocol.model_dump(mode="json")})
+        _write_json(file, {"fingerprint": fingerprint, "protocol": protocol.model_dump(mode="json"),
+                           "source": source})
 
 
 def _paths(out: Path, name: str, index: int) -> dict[str, Path]:

@@ -136,15 +136,21 @@ def run_vbench(
     out = Path(out_dir).resolve()
     if not videos.is_dir() or not any(videos.glob("*.mp4")):
         raise ValueError(f"no .mp4 videos in {videos}")
-    for path in (videos, out):
-        if not _SHELL_SAFE.match(str(path)):
-            raise ValueError(f"VBench passes paths through a shell; use a path without spaces or quotes: {path}")
+    check_vbench_paths(videos, out)
     env = dict(os.environ)
     if cache_dir is not None:
         env[ENV_CACHE] = str(cache_dir)
     if not env.get(ENV_CACHE):
         logger.warning("%s is not set: VBench will look for its weights in ~/.cache/vbench", ENV_CACHE)
     return {dim: _run_one(exe, videos, out / dim, dim, env, timeout) for dim in dimensions}
+
+
+def check_vbench_paths(*paths: str | Path) -> None:
+    """Refuse paths VBench's shell would split (spaces, quotes); cheap, so jobs call it before long work."""
+    for path in paths:
+        resolved = Path(path).resolve()
+        if not _SHELL_SAFE.match(str(resolved)):
+            raise ValueError(f"VBench passes paths through a shell; use a path without spaces or quotes: {resolved}")
 
 
 def _run_one(exe: str, videos: Path, out: Path, dimension: str, env: dict, timeout: float | None) -> dict:

@@ -12,7 +12,6 @@ from vidquant.models.wan import (
     load_pipeline,
     placeholder_image,
     target_linears,
-    tensor_sha256,
 )
 
 __all__ = [
@@ -28,5 +27,4 @@ __all__ = [
     "load_pipeline",
     "placeholder_image",
     "target_linears",
-    "tensor_sha256",
 ]

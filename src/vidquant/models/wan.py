@@ -19,6 +19,8 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from PIL import Image
 from torch import nn
 
+from vidquant.checksum import hash_tensor
+
 logger = logging.getLogger(__name__)
 
 WanPipelineLike = WanPipeline | WanImageToVideoPipeline
@@ -281,24 +283,11 @@ def config_fingerprint(pipe: DiffusionPipeline) -> str:
     return hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """sha256 of one tensor's shape, dtype and bytes (one tensor of host memory at most)."""
-    digest = hashlib.sha256()
-    _hash_tensor(digest, tensor)
-    return digest.hexdigest()
-
-
 def fingerprint(pipe: DiffusionPipeline) -> str:
     """sha256 of `config_fingerprint` and every expert tensor (name, shape, dtype, bytes), one at a time."""
     digest = hashlib.sha256(config_fingerprint(pipe).encode())
     for name, model in experts(pipe).items():
         for key, tensor in sorted(model.state_dict().items()):
             digest.update(f"\n{name}.{key}".encode())
-            _hash_tensor(digest, tensor)
+            hash_tensor(digest, tensor)
     return digest.hexdigest()
-
-
-def _hash_tensor(digest, tensor: torch.Tensor) -> None:
-    t = tensor.detach()
-    digest.update(f"|{tuple(t.shape)}|{t.dtype}|".encode())
-    digest.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())

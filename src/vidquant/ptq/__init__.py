@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..calib.calibrate import CalibSettings
 from ..calib.prompts import default_prompts, prompt_set_hash
 from ..calib.stats import CalibStats
+from ..checksum import tensor_sha256
 from ..eval.probes import weight_bytes
 from ..methods.smoothing import activation_range, channel_mask, weight_channel_max
 from ..models import wan
@@ -69,7 +70,7 @@ def quantize(
         for name in track(the_plan.quantized, description="quantizing", disable=not progress):
             expert, layer = name.split(".", 1)
             weight = experts[expert].get_submodule(layer).weight
-            layers[name] = LayerState(recipe.weights, recipe.activations, wan.tensor_sha256(weight), masks[name], clip)
+            layers[name] = LayerState(recipe.weights, recipe.activations, tensor_sha256(weight), masks[name], clip)
     else:
         prompts = _calibration_prompts(stats, prompts)
         settings = CalibSettings.model_validate(stats.meta["settings"])
@@ -96,6 +97,7 @@ def _header(pipe, recipe: Recipe, stats: CalibStats | None, the_plan) -> dict:
     base = {
         "config_sha256": wan.config_fingerprint(pipe),
         "stats_model_fingerprint": None if stats is None else stats.meta["model_fingerprint"],
+        "stats_fingerprint": None if stats is None else stats.fingerprint(),  # what a rerun must match
         "transformer_bf16_bytes": weight_bytes(pipe).bf16,
     }
     return {"recipe": recipe.to_dict(), "base": base, "plan": the_plan.to_dict()}

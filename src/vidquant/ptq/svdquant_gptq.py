@@ -29,14 +29,16 @@ from torch import Tensor, nn
 from .. import formats
 from ..calib.calibrate import CalibSettings
 from ..calib.layer_inputs import collect_layer_inputs, hessian_nbytes
+from ..checksum import tensor_sha256
 from ..methods.clip import clip_search
 from ..methods.gptq import gptq
 from ..methods.lowrank import refine_lowrank
 from ..methods.smoothing import residual_weight, sqnr_db
 from ..models import wan
 from ..nn import swap
+from ..outputs import check_output
 from ..recipes import Recipe
-from ..state import LayerState, PTQState, load_state, quant_linear
+from ..state import STATE_FILES, LayerState, PTQState, load_state, quant_linear
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +140,7 @@ def quantize_layer(
     else:
         encoded = fmt.encode(residual)
     del h, residual
-    state = LayerState(recipe.weights, recipe.activations, wan.tensor_sha256(weight), mask,
+    state = LayerState(recipe.weights, recipe.activations, tensor_sha256(weight), mask,
                        lowrank_down=None if lowrank is None else lowrank[0],
                        lowrank_up=None if lowrank is None else lowrank[1], weight_packed=fmt.pack(encoded))
     if recipe.clip_search.enabled:
@@ -201,13 +203,19 @@ def _chunks(groups: Groups, experts: dict[str, nn.Module], budget: int) -> list[
 def _resume(checkpoint: str | Path | None, header: dict, edges: dict[str, list[float]],
             masks: dict[str, Tensor | None]) -> dict[str, LayerState]:
     """Layers a previous run of the same recipe on the same model saved in ``checkpoint``."""
-    if checkpoint is None or not (Path(checkpoint) / "manifest.json").is_file():
+    if checkpoint is None:
+        return {}
+    check_output(checkpoint, STATE_FILES, "checkpoint of finished layers (a PTQ state)")  # before any work
+    if not (Path(checkpoint) / "manifest.json").is_file():
         return {}
     saved = load_state(checkpoint)
-    same = (saved.recipe == header["recipe"] and saved.base == header["base"] and saved.plan == header["plan"]
-            and saved.timestep_bins == edges)
-    if not same:
-        logger.info("%s holds layers of another recipe, model or plan: starting over", checkpoint)
+    found = {"recipe": saved.recipe, "base": saved.base, "plan": saved.plan, "timestep bins": saved.timestep_bins}
+    wanted = {"recipe": header["recipe"], "base": header["base"], "plan": header["plan"], "timestep bins": edges}
+    if differ := [key for key in found if found[key] != wanted[key]]:
+        details = [f"{key} {k}" for key in differ if key == "base"
+                   for k in wanted["base"] if found["base"].get(k) != wanted["base"][k]]
+        logger.warning("%s holds layers made from other inputs (%s): starting over", checkpoint,
+                       ", ".join(details or differ))
         return {}
     layers = {name: s for name, s in saved.layers.items() if name in masks}
     logger.info("resuming from %s: %d of %d layers done", checkpoint, len(layers), len(masks))

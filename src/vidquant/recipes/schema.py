@@ -7,17 +7,17 @@ default. The smoothing defaults live here only; bundled recipes inherit them ins
 from __future__ import annotations
 
 import logging
-import re
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vidquant import formats
 from vidquant.methods.lowrank import DEFAULT_ITERS as DEFAULT_LOWRANK_ITERS
 from vidquant.methods.smoothing import DEFAULT_EPS
+from vidquant.patterns import compile_pattern
+from vidquant.safeyaml import load_yaml
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -31,7 +31,6 @@ DEFAULT_PERCENTILE = 99.9
 DEFAULT_ALPHA = 0.4
 DEFAULT_MAX_RATIO = 4.0
 
-REGEX_PREFIX = "re:"
 _BUNDLED = resources.files("vidquant.recipes")  # the bundled *.yaml recipes sit next to this module
 
 
@@ -160,11 +159,7 @@ class Recipe(BaseModel):
         for pattern in patterns:
             if not pattern:
                 raise ValueError("empty pattern")
-            if pattern.startswith(REGEX_PREFIX):
-                try:
-                    re.compile(pattern[len(REGEX_PREFIX) :])
-                except re.error as err:
-                    raise ValueError(f"invalid regular expression in '{pattern}': {err}") from None
+            compile_pattern(pattern)  # RE2 for regexes: no catastrophic backtracking
         return patterns
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,9 +184,10 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         if not source.is_file():
             raise ValueError(f"{name_or_path}: neither a bundled recipe ({', '.join(recipe_names())}) nor a file")
     try:
-        data = yaml.load(source.read_text(encoding="utf-8"), Loader=_StrictLoader)  # a SafeLoader
-    except yaml.YAMLError as err:
-        raise ValueError(f"{source}: invalid YAML{_yaml_problem(err)}") from None
+        text = source.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{source}: unreadable ({err.strerror or err})") from None
+    data = load_yaml(text, source=str(source))  # safe, bounded (size, depth, aliases), no duplicate keys
     if not isinstance(data, dict):
         raise ValueError(f"{source}: a recipe must be a YAML mapping of keys to values, got {type(data).__name__}")
     data.setdefault("name", source.name.removesuffix(".yaml").removesuffix(".yml"))
@@ -203,15 +199,6 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return recipe
 
 
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """PyYAML's error on one line, with the position in the file."""
-    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
-        return f": {err}"
-    mark = err.problem_mark
-    context = f"{err.context}: " if err.context else ""
-    return f" at line {mark.line + 1}, column {mark.column + 1}: {context}{err.problem}"
-
-
 def _describe(error: Any) -> str:
     """One pydantic error as "key: what is wrong (got value)", with the key's dotted path."""
     key = ".".join(str(part) for part in error["loc"])
@@ -221,16 +208,3 @@ def _describe(error: Any) -> str:
         return f"missing key '{key}'"
     message = str(error["msg"]).removeprefix("Value error, ")
     return f"{key}: {message} (got {error['input']!r})"
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice is an error instead of silently the last value."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)

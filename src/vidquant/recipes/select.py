@@ -11,11 +11,11 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from fnmatch import fnmatchcase
 from typing import Any
 
 from vidquant.models import wan
-from vidquant.recipes.schema import REGEX_PREFIX, Recipe
+from vidquant.patterns import matches
+from vidquant.recipes.schema import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -95,13 +95,6 @@ def plan(pipe_or_experts: Any, recipe: Recipe) -> Plan:
             result.protected[name] = reason
     logger.info("plan for recipe '%s':\n%s", recipe.name, result.summary())
     return result
-
-
-def matches(pattern: str, name: str) -> bool:
-    """Whether a recipe pattern (shell pattern, or ``re:`` regular expression) matches the whole ``name``."""
-    if pattern.startswith(REGEX_PREFIX):
-        return re.fullmatch(pattern[len(REGEX_PREFIX) :], name) is not None
-    return fnmatchcase(name, pattern)
 
 
 def _protection(name: str, block: int, protected_blocks: list[int], recipe: Recipe) -> str | None:

@@ -1,0 +1,66 @@
+"""The command line never deletes or moves what it did not create (regression tests of data-loss reports)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from vidquant.cli import app
+
+runner = CliRunner()
+
+
+def quantize(out: Path, *extra: str):
+    return runner.invoke(app, ["quantize", "--model", "tiny", "--recipe", "rtn-hif4", "--out", str(out), *extra])
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_quantize_refuses_a_users_folder_and_leaves_it_intact(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("notes")
+    (folder / "sub" / "data.csv").write_text("1,2,3")
+    before = tree(folder)
+    result = quantize(folder)
+    assert result.exit_code == 2, result.output
+    assert "not a PTQ state" in result.output and "notes.txt" in result.output
+    assert tree(folder) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_quantize_into_its_own_run_folder_keeps_the_runs_inputs(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    calib = ["calibrate", "--model", "tiny", "--num-prompts", "1", "--steps", "2", "--out", str(run / "stats")]
+    assert runner.invoke(app, calib).exit_code == 0
+    (run / "videos").mkdir()
+    (run / "videos" / "a-0.mp4").write_bytes(b"video")
+    before = tree(run)
+    result = runner.invoke(app, ["quantize", "--model", "tiny", "--stats", str(run / "stats"), "--out", str(run)])
+    assert result.exit_code == 2 and "not a PTQ state" in result.output
+    assert tree(run) == before
+
+
+def test_quantize_refuses_a_file_or_a_link_as_out(tmp_path: Path) -> None:
+    file = tmp_path / "state"
+    file.write_text("precious")
+    result = quantize(file)
+    assert result.exit_code == 2 and "not a folder" in result.output
+    link = tmp_path / "link"
+    link.symlink_to(file)
+    result = quantize(link)
+    assert result.exit_code == 2 and "symbolic link" in result.output
+    assert file.read_text() == "precious" and link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "state"]  # no hidden .old copies
+
+
+def test_quantize_replaces_its_own_state(tmp_path: Path) -> None:
+    assert quantize(tmp_path / "state").exit_code == 0
+    first = tree(tmp_path / "state")
+    result = runner.invoke(app, ["quantize", "--model", "tiny", "--recipe", "rtn-nvfp4", "--out",
+                                 str(tmp_path / "state")])
+    assert result.exit_code == 0, result.output
+    assert tree(tmp_path / "state") != first and "rtn-nvfp4" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
