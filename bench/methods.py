@@ -31,7 +31,7 @@ from vidquant.calib.layer_inputs import collect_layer_inputs
 from vidquant.calib.prompts import default_prompts
 from vidquant.methods.fidelity import binned_sqnr
 from vidquant.methods.smoothing import channel_mask, weight_channel_max
-from vidquant.models import tiny, wan
+from vidquant.models import adapter_for, tiny, wan
 from vidquant.nn import QuantLinear
 from vidquant.ptq.svdquant_gptq import quantize_layer
 from vidquant.recipes import Recipe, load_recipe
@@ -76,7 +76,7 @@ def tiny_pipeline() -> None:
     experts = wan.experts(pipe)
     groups = {name: wan.input_groups(model) for name, model in experts.items()}
     inputs = collect_layer_inputs(pipe, prompts[SETTINGS.num_prompts:], held_out, groups,
-                                  wan.expert_bin_edges(pipe, BINS), max_tokens=1024)
+                                  adapter_for(pipe).bin_edges(BINS), max_tokens=1024)
     samples = {f"{e}.{layer}": rec.bin_samples() for e, recs in inputs.items() for rec in recs.values()
                for layer in rec.layers}
     results = {}

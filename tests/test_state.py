@@ -14,7 +14,7 @@ import vidquant
 from vidquant.calib.calibrate import CalibSettings, calibrate
 from vidquant.calib.prompts import default_prompts
 from vidquant.cli import app
-from vidquant.models import tiny, wan
+from vidquant.models import adapter_for, tiny, wan
 from vidquant.nn import QuantLinear
 
 SETTINGS = CalibSettings(num_prompts=2, steps=3, height=32, width=32, frames=5, bins=2)
@@ -68,8 +68,8 @@ def test_manifest_records_what_made_the_state(base_dir: Path, stats, tmp_path: P
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["library_version"] == vidquant.__version__
     assert manifest["recipe"]["name"] == "max-hif4"
-    assert manifest["base"]["config_sha256"] == wan.config_fingerprint(pipe)
-    assert manifest["base"]["stats_model_fingerprint"] == wan.fingerprint(pipe)
+    assert manifest["base"]["config_sha256"] == adapter_for(pipe).config_fingerprint()
+    assert manifest["base"]["stats_model_fingerprint"] == adapter_for(pipe).fingerprint()
     assert len(manifest["layers"]) == 40
     layer = manifest["layers"]["transformer.blocks.0.attn1.to_q"]
     assert layer["weight_format"] == "hif4" and layer["act_format"] == "hif4" and layer["tensors"] == ["mask"]
@@ -109,7 +109,7 @@ def test_tampered_or_truncated_states_are_refused(base_dir: Path, stats, tmp_pat
 
 def test_rtn_needs_no_statistics_and_smoothing_does(base_dir: Path) -> None:
     state = vidquant.quantize(fresh(base_dir), "rtn-nvfp4", None)
-    assert all(layer.mask is None for layer in state.layers.values())
+    assert all("mask" not in layer.tensors for layer in state.layers.values())
     with pytest.raises(ValueError, match="--stats"):
         vidquant.quantize(fresh(base_dir), "tail-aware-hif4", None)
 

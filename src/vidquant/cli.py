@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import NoReturn
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from . import __version__, formats
+from .models import TINY_MODELS, load_model, tiny_sizes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=f"vidquant {__version__}: PTQ for video DiTs")
 console = Console()
@@ -40,9 +42,10 @@ def formats_cmd(long: bool = typer.Option(False, "--long", help="Also print each
             console.print(f"[bold]{name}[/bold]: {formats.get(name).description}")
 
 
-TINY = "tiny"
-TINY_SIZE = {"height": 32, "width": 32, "frames": 9}  # latent 4x4 over 3 frames: 48 tokens per expert call
 FULL_SIZE = {"height": 720, "width": 1280, "frames": 61}  # the papers' protocol
+RUN_TINY_SIZE = {"height": 48, "width": 48}  # larger frames for the tiny Wan run's videos (frames and steps: below)
+MODEL_HELP = "A diffusers video pipeline directory or hub id (Wan, CogVideoX, LTX-Video), or a tiny model: " + \
+    ", ".join(TINY_MODELS) + "."
 
 
 def _fail(message: str) -> NoReturn:
@@ -50,17 +53,21 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def _load_model(model: str, i2v: bool):
-    from .models import tiny, wan
-
-    if model == TINY:
-        return tiny.build_tiny_pipeline(i2v=i2v)
-    return wan.load_pipeline(model, i2v=i2v or None)
+def _sizes(model: str, height: int | None, width: int | None, frames: int | None, run: bool = False) -> dict:
+    """The frame size and count: what was given, else the tiny model's or the papers' defaults (0 is refused)."""
+    defaults = tiny_sizes(model) or FULL_SIZE
+    if run and model == "tiny":
+        defaults = {**defaults, **RUN_TINY_SIZE}
+    given = {"height": height, "width": width, "frames": frames}
+    for key, value in given.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{key} must be at least 1, got {value}")
+    return {key: defaults[key] if value is None else value for key, value in given.items()}
 
 
 @app.command()
 def calibrate(
-    model: str = typer.Option(..., help="A diffusers Wan pipeline directory (or hub id), or 'tiny'."),
+    model: str = typer.Option(..., help=MODEL_HELP),
     out: Path = typer.Option(..., help="Statistics directory (resumed if it exists)."),
     prompts: Path | None = typer.Option(
         None, help="Prompt file (.json OpenS2V 'cap', .jsonl, .txt); default: bundled."
@@ -68,39 +75,29 @@ def calibrate(
     i2v: bool = typer.Option(False, "--i2v", help="Image-to-video (with 'tiny'; a directory says what it is)."),
     num_prompts: int = typer.Option(16, min=1),
     steps: int = typer.Option(40, min=1),
-    height: int | None = typer.Option(None, help="Default 720 (32 for tiny)."),
-    width: int | None = typer.Option(None, help="Default 1280 (32 for tiny)."),
-    frames: int | None = typer.Option(None, help="Default 61 (9 for tiny)."),
+    height: int | None = typer.Option(None, help="Default 720 (the tiny model's for a tiny model)."),
+    width: int | None = typer.Option(None, help="Default 1280 (the tiny model's for a tiny model)."),
+    frames: int | None = typer.Option(None, help="Default 61 (the tiny model's for a tiny model)."),
     cfg: float = typer.Option(3.5, help="Classifier-free guidance scale."),
     seed: int = typer.Option(42, help="Prompt i is generated with seed + i."),
-    bins: int = typer.Option(4, min=1, help="Timestep bins per expert."),
+    bins: int = typer.Option(4, min=1, max=64, help="Timestep bins per expert."),
     tail_keys: str = typer.Option("total", help="Tail histograms for 'total' or per 'bin_branch' (x2*bins memory)."),
 ) -> None:
     """Run the BF16 pipeline on calibration prompts and record activation statistics."""
     import torch.distributed as dist
-    from pydantic import ValidationError
 
     from .calib.calibrate import CalibSettings
     from .calib.calibrate import calibrate as run_calibration
     from .calib.prompts import default_prompts, load_prompts
 
-    size = TINY_SIZE if model == TINY else FULL_SIZE
     try:
-        settings = CalibSettings(
-            num_prompts=num_prompts,
-            steps=steps,
-            height=height or size["height"],
-            width=width or size["width"],
-            frames=frames or size["frames"],
-            cfg=cfg,
-            seed=seed,
-            bins=bins,
-            tail_keys=tail_keys,
-        )
+        settings = CalibSettings(num_prompts=num_prompts, steps=steps, cfg=cfg, seed=seed, bins=bins,
+                                 tail_keys=tail_keys, **_sizes(model, height, width, frames))
         prompt_list = load_prompts(prompts) if prompts else default_prompts()
+        _enough(prompt_list, num_prompts, "--num-prompts", prompts)
         if "WORLD_SIZE" in os.environ and not dist.is_initialized():
             dist.init_process_group("gloo")
-        pipe = _load_model(model, i2v)
+        pipe = load_model(model, i2v=i2v)
         run_calibration(pipe, prompt_list, settings, out)
     except (ValueError, ValidationError) as err:
         _fail(str(err))
@@ -109,7 +106,7 @@ def calibrate(
 
 @app.command("quantize")
 def quantize_cmd(
-    model: str = typer.Option(..., help="The base pipeline: a diffusers Wan directory (or hub id), or 'tiny'."),
+    model: str = typer.Option(..., help=MODEL_HELP),
     out: Path = typer.Option(..., help="Directory for the PTQ state (manifest.json + tensors.safetensors)."),
     stats: Path | None = typer.Option(None, help="Statistics from `vidquant calibrate` (needed for smoothing)."),
     recipe: str = typer.Option("tail-aware-hif4", help="A bundled recipe name or a YAML file."),
@@ -135,10 +132,10 @@ def quantize_cmd(
     try:
         the_recipe = load_recipe(recipe)  # bad input fails before anything is created
         calibration = load_stats(stats) if stats else None
+        prompt_list = load_prompts(prompts) if prompts else None
         with locked_output(out, STATE_FILES, "PTQ state"):
-            pipe = _load_model(model, i2v)
-            state = quantize(pipe, the_recipe, calibration, progress=True,
-                             prompts=load_prompts(prompts) if prompts else None, checkpoint=partial,
+            pipe = load_model(model, i2v=i2v)
+            state = quantize(pipe, the_recipe, calibration, progress=True, prompts=prompt_list, checkpoint=partial,
                              hessian_budget_gb=hessian_budget_gb)
             state.save(out)
             if partial.exists():
@@ -146,6 +143,106 @@ def quantize_cmd(
     except ValueError as err:
         _fail(str(err))
     _print_state(out)
+
+
+@app.command("apply")
+def apply_cmd(
+    model: str = typer.Option(..., help=MODEL_HELP),
+    state: Path = typer.Option(..., help="A PTQ state directory."),
+    i2v: bool = typer.Option(False, "--i2v", help="Image-to-video (with 'tiny')."),
+) -> None:
+    """Check that a state applies to a base model, apply it, and print what it changes (layers, weight bytes)."""
+    from .eval.probes import weight_bytes
+    from .state import apply, load_state
+
+    try:
+        the_state = load_state(state)
+        pipe = load_model(model, i2v=i2v)
+        before = weight_bytes(pipe)
+        apply(pipe, the_state)
+        after = weight_bytes(pipe)
+    except ValueError as err:
+        _fail(str(err))
+    console.print(f"{state} applies to {model}: {len(the_state.layers)} Linears quantized; transformer weights "
+                  f"{before.bf16 / 2**20:.2f} MiB at BF16 -> {after.stored / 2**20:.2f} MiB as stored "
+                  f"({100 * after.stored / before.bf16:.1f} %)")
+
+
+@app.command("generate")
+def generate_cmd(
+    model: str = typer.Option(..., help=MODEL_HELP),
+    out: Path = typer.Option(..., help="Video folder ({prompt}-{i}.mp4, exact frames, latents, sidecars)."),
+    state: Path | None = typer.Option(None, help="A PTQ state to apply first (none: the BF16 model)."),
+    prompts: Path | None = typer.Option(None, help="Prompt file; default: bundled."),
+    num_prompts: int = typer.Option(8, min=1),
+    i2v: bool = typer.Option(False, "--i2v", help="Image-to-video (with 'tiny')."),
+    steps: int = typer.Option(40, min=1),
+    height: int | None = typer.Option(None, help="Default 720 (the tiny model's for a tiny model)."),
+    width: int | None = typer.Option(None, help="Default 1280 (the tiny model's for a tiny model)."),
+    frames: int | None = typer.Option(None, help="Default 61 (the tiny model's for a tiny model)."),
+    cfg: float = typer.Option(3.5),
+    seed: int = typer.Option(42, help="Prompt i is generated with seed + i."),
+) -> None:
+    """Generate videos of a base model, or of the base model with a state applied, under one protocol (resumable)."""
+    from .calib.prompts import default_prompts, load_prompts
+    from .eval.generate import generate
+    from .eval.protocol import Protocol
+    from .state import load_state
+
+    try:
+        protocol = Protocol(steps=steps, cfg=cfg, seed=seed, **_sizes(model, height, width, frames))
+        prompt_list = load_prompts(prompts) if prompts else default_prompts()
+        _enough(prompt_list, num_prompts, "--num-prompts", prompts)
+        the_state = load_state(state) if state else None
+        pipe = load_model(model, i2v=i2v)
+        records = generate(pipe, prompt_list[:num_prompts], protocol, out, state=the_state)
+    except (ValueError, ValidationError) as err:
+        _fail(str(err))
+    console.print(f"{len(records)} videos in {out}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    bf16: Path = typer.Option(..., help="Folder of the BF16 videos (`vidquant generate` without a state)."),
+    quantized: Path = typer.Option(..., help="Folder of the quantized videos (same prompts and protocol)."),
+    out: Path = typer.Option(..., help="Where to write evaluation.json."),
+    vbench: bool = typer.Option(False, help="Also score VBench's five dimensions (when it is installed)."),
+) -> None:
+    """Compare two video folders: fidelity to BF16, temporal scores, costs (and VBench) -> evaluation.json."""
+    from .eval.evaluate import EVALUATION, evaluate
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        path = evaluate(bf16, quantized, vbench=vbench, vbench_out=out / "vbench").save(out / EVALUATION)
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    console.print(f"evaluation written to {path}")
+
+
+@app.command("report")
+def report_cmd(
+    evaluation: Path = typer.Option(..., help="evaluation.json from `vidquant evaluate`."),
+    out: Path = typer.Option(..., help="Folder for report.html and metrics.json."),
+    state: Path | None = typer.Option(None, help="The PTQ state of the quantized videos (recipe, fingerprints)."),
+    stats: Path | None = typer.Option(None, help="Calibration statistics (the activation-tail panel)."),
+) -> None:
+    """Write the HTML report (and metrics.json) of an evaluation."""
+    from .calib.stats import load_stats
+    from .eval.evaluate import load_evaluation, report
+    from .state import load_state
+
+    try:
+        page = report(load_evaluation(evaluation), out, state=load_state(state) if state else None,
+                      stats=load_stats(stats) if stats else None, state_path=str(state) if state else None)
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    console.print(f"report: {page}")
+
+
+def _enough(prompts: list[str], wanted: int, option: str, source: Path | None) -> None:
+    if wanted > len(prompts):
+        where = source or "the bundled prompt set"
+        raise ValueError(f"{option} {wanted}: {where} has only {len(prompts)} prompts")
 
 
 def _print_state(path: Path) -> None:
@@ -218,44 +315,46 @@ def inspect_cmd(path: Path = typer.Argument(..., help="A statistics or PTQ state
 @app.command("run")
 def run_cmd(
     out: Path = typer.Option(..., help="Output folder: stats/, state/, videos/, report/ (each stage reused)."),
-    model: str = typer.Option(TINY, help="A diffusers Wan directory (or hub id), or 'tiny'."),
+    model: str = typer.Option("tiny", help=MODEL_HELP),
     recipe: str = typer.Option("tail-aware-hif4", help="A bundled recipe name or a YAML file."),
     i2v: bool = typer.Option(False, "--i2v", help="Image-to-video (with 'tiny')."),
     prompts: Path | None = typer.Option(None, help="Evaluation prompts (default: bundled, disjoint from calibration)."),
     calib_prompts: Path | None = typer.Option(None, help="Calibration prompts (default: bundled)."),
     num_prompts: int = typer.Option(8, min=1, help="Evaluation prompts to generate."),
     num_calib_prompts: int = typer.Option(8, min=1, help="Calibration prompts."),
-    steps: int | None = typer.Option(None, help="Default 40 (8 for tiny)."),
-    height: int | None = typer.Option(None, help="Default 720 (48 for tiny)."),
-    width: int | None = typer.Option(None, help="Default 1280 (48 for tiny)."),
-    frames: int | None = typer.Option(None, help="Default 61 (9 for tiny)."),
+    steps: int | None = typer.Option(None, help="Default 40 (8 for a tiny model)."),
+    height: int | None = typer.Option(None, help="Default 720 (a tiny model's own otherwise)."),
+    width: int | None = typer.Option(None, help="Default 1280 (a tiny model's own otherwise)."),
+    frames: int | None = typer.Option(None, help="Default 61 (a tiny model's own otherwise)."),
     cfg: float = typer.Option(3.5),
     seed: int = typer.Option(42),
-    bins: int = typer.Option(4, min=1, help="Timestep bins per expert for the statistics."),
+    bins: int = typer.Option(4, min=1, max=64, help="Timestep bins per expert for the statistics."),
     vbench: bool = typer.Option(True, help="Score VBench's five dimensions when VBench is installed."),
     fidelity_prompts: int = typer.Option(1, min=0, help="Held-out prompts for the per-layer SQNR plot (0: skip)."),
 ) -> None:
     """Calibrate, quantize, generate BF16 and quantized videos, evaluate and write report.html."""
-    from pydantic import ValidationError
-
     from .calib.calibrate import CalibSettings
     from .calib.prompts import default_prompts, load_prompts
     from .eval.protocol import Protocol
     from .job import Job, run
     from .recipes import load_recipe
 
-    size = {"steps": 8, "height": 48, "width": 48, "frames": 9} if model == TINY else \
-        {"steps": 40, **FULL_SIZE}
     try:
-        protocol = Protocol(height=height or size["height"], width=width or size["width"],
-                            frames=frames or size["frames"], steps=steps or size["steps"], cfg=cfg, seed=seed)
+        if steps is not None and steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {steps}")
+        default_steps = 8 if model in TINY_MODELS else 40
+        protocol = Protocol(steps=default_steps if steps is None else steps, cfg=cfg, seed=seed,
+                            **_sizes(model, height, width, frames, run=True))
         bundled = default_prompts()
-        calib = (load_prompts(calib_prompts) if calib_prompts else bundled)[:num_calib_prompts]
+        calib_all = load_prompts(calib_prompts) if calib_prompts else bundled
+        _enough(calib_all, num_calib_prompts, "--num-calib-prompts", calib_prompts)
+        calib = calib_all[:num_calib_prompts]
         evaluation = load_prompts(prompts) if prompts else bundled[len(calib):]
+        _enough(evaluation, num_prompts, "--num-prompts", prompts or Path("the bundled prompts left after calibration"))
         settings = CalibSettings(**protocol.model_dump(), num_prompts=len(calib), bins=bins)
         job = Job(load_recipe(recipe), calib, evaluation[:num_prompts], protocol, settings, out, model, vbench,
                   fidelity_prompts)
-        report = run(_load_model(model, i2v), job)
+        report = run(load_model(model, i2v=i2v), job)
     except (ValueError, ValidationError) as err:
         _fail(str(err))
     console.print(f"report: {report}")
@@ -264,6 +363,6 @@ def run_cmd(
 @app.command("demo")
 def demo_cmd(out: Path = typer.Option(Path("out/demo"), help="Output folder.")) -> None:
     """`vidquant run` on the built-in tiny Wan2.2 pipeline with the bundled prompts (a few minutes on a CPU)."""
-    run_cmd(out=out, model=TINY, recipe="tail-aware-hif4", i2v=False, prompts=None, calib_prompts=None,
+    run_cmd(out=out, model="tiny", recipe="tail-aware-hif4", i2v=False, prompts=None, calib_prompts=None,
             num_prompts=8, num_calib_prompts=8, steps=None, height=None, width=None, frames=None, cfg=3.5,
             seed=42, bins=2, vbench=True, fidelity_prompts=1)

@@ -1,13 +1,14 @@
-"""The compact PTQ state: what turns a base pipeline into its quantized version, and nothing more.
+"""The compact PTQ state: what turns a base model into its quantized version, and nothing more.
 
 A state is a directory: ``manifest.json`` (format version, library version, recipe, plan, the base
-checkpoint's config fingerprint, timestep-bin edges, and per quantized layer its formats and the sha256 of
-the base weight it was made for) and ``tensors.safetensors`` (masks, clip ratios, low-rank factors, packed
-weights). A smoothing recipe keeps no copy of the weights: `apply` quantizes the base checkpoint's own
-weights under the restored parameters. SVDQuant-GPTQ's rounding depends on calibration data, so its state
-carries the residual packed in the weight format (``weight_packed``, e.g. HiF4's 4.5 bits per value) and the
-BF16 low-rank factors. Either way `apply` first checks that the base weights are the ones the state was
-made for. Nothing is unpickled.
+checkpoint's config fingerprint, timestep-bin edges, and per quantized layer its formats, the sha256 of the
+base weight it was made for and the names of its tensors; sealed by its own checksum) and
+``tensors.safetensors`` (per layer a dict of named tensors, each name owned and validated by a `QuantLinear`
+part: ``mask``, ``act_clip``, ``lowrank_down`` / ``lowrank_up``, ``weight_packed``). A smoothing recipe keeps
+no copy of the weights: `apply` quantizes the base checkpoint's own weights under the restored parameters.
+SVDQuant-GPTQ's rounding depends on calibration data, so its state carries the residual packed in the weight
+format (e.g. HiF4's 4.5 bits per value) and the BF16 low-rank factors. Either way `apply` first checks that
+the base weights are the ones the state was made for. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -15,18 +16,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import __version__, formats
 from .atomic import atomic_path
 from .checksum import check_seal, file_sha256, hash_tensor, seal, tensor_sha256
-from .models import wan
-from .nn import QuantLinear, swap
+from .models import adapter_for, split_name
+from .nn import QuantLinear, StepContext, check_tensors, swap
 from .outputs import check_output
+from .recipes import Recipe
 from .safeio import TensorSpec, read_safetensors
 
 logger = logging.getLogger(__name__)
@@ -36,24 +41,17 @@ READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 STATE_FILES = (MANIFEST, TENSORS)
-LAYER_TENSORS = ("mask", "act_clip", "lowrank_down", "lowrank_up", "weight_packed")
+_SHA256 = r"^[0-9a-f]{64}$"
 
 
 @dataclass
 class LayerState:
-    """How one target Linear is quantized; ``weight_sha256`` names the base weight it was made for."""
+    """How one target Linear is quantized: formats, named tensors, and the sha256 of the base weight it fits."""
 
     weight_format: str
     act_format: str | None
     weight_sha256: str
-    mask: Tensor | None = None
-    act_clip: Tensor | None = None  # a scalar, or one ratio per timestep bin of the layer's expert
-    lowrank_down: Tensor | None = None  # (rank, in_features)
-    lowrank_up: Tensor | None = None  # (out_features, rank)
-    weight_packed: Tensor | None = None  # uint8: `weight_format.pack` of the quantized residual (along in_features)
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {k: getattr(self, k) for k in LAYER_TENSORS if getattr(self, k) is not None}
+    tensors: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,14 +60,14 @@ class PTQState:
 
     layers: dict[str, LayerState]
     recipe: dict
-    base: dict  # config_sha256, stats model fingerprint, transformer weight bytes
+    base: dict  # config_sha256, model / statistics fingerprints, transformer weight bytes
     plan: dict = field(default_factory=dict)
     library_version: str = __version__
     timestep_bins: dict[str, list[float]] = field(default_factory=dict)  # per expert, for per-bin act_clip
 
     def nbytes(self) -> int:
         """Bytes of the state's tensors (the manifest adds a few kB)."""
-        return sum(t.nbytes for layer in self.layers.values() for t in layer.tensors().values())
+        return sum(t.nbytes for layer in self.layers.values() for t in layer.tensors.values())
 
     def manifest(self, tensors_sha256: str) -> dict:
         return {
@@ -81,7 +79,7 @@ class PTQState:
             "timestep_bins": self.timestep_bins,
             "layers": {
                 name: {"weight_format": s.weight_format, "act_format": s.act_format,
-                       "weight_sha256": s.weight_sha256, "tensors": sorted(s.tensors())}
+                       "weight_sha256": s.weight_sha256, "tensors": sorted(s.tensors)}
                 for name, s in self.layers.items()
             },
             "tensors_sha256": tensors_sha256,
@@ -96,7 +94,7 @@ class PTQState:
         directory = check_output(directory, STATE_FILES, "PTQ state")
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"{name}.{k}": v.detach().contiguous().cpu()
-                   for name, s in self.layers.items() for k, v in s.tensors().items()}
+                   for name, s in self.layers.items() for k, v in s.tensors.items()}
         with atomic_path(directory / TENSORS) as tmp:
             save_file(tensors, tmp)
             tensors_sha256 = file_sha256(tmp)
@@ -108,81 +106,173 @@ class PTQState:
         """sha256 of what the state does (manifest fields and tensor bytes), independent of file layout."""
         digest = hashlib.sha256(json.dumps(self.manifest(""), sort_keys=True).encode())
         for name in sorted(self.layers):  # a loaded state lists its layers in the manifest's sorted order
-            for key, tensor in sorted(self.layers[name].tensors().items()):
+            for key, tensor in sorted(self.layers[name].tensors.items()):
                 digest.update(f"\n{name}.{key}".encode())
                 hash_tensor(digest, tensor)
         return digest.hexdigest()
 
 
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    config_sha256: str = Field(pattern=_SHA256)
+    transformer_bf16_bytes: int = Field(gt=0)
+    stats_model_fingerprint: str | None = None
+    stats_fingerprint: str | None = None
+
+
+class _Layer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weight_format: str
+    act_format: str | None
+    weight_sha256: str = Field(pattern=_SHA256)
+    tensors: list[str]
+
+    @field_validator("weight_format", "act_format")
+    @classmethod
+    def _known(cls, name: str | None) -> str | None:
+        if name is not None and name not in formats.names():
+            raise ValueError(f"unknown format '{name}'")
+        return name
+
+    @field_validator("tensors")
+    @classmethod
+    def _unique(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError("a tensor name is listed twice")
+        return names
+
+
+class Manifest(BaseModel):
+    """The schema of ``manifest.json``: types, ranges and cross-checks before any tensor is read."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int
+    library_version: str = Field(min_length=1)
+    recipe: dict[str, Any]
+    base: _Base
+    plan: dict[str, Any] = {}
+    timestep_bins: dict[str, list[float]] = {}
+    layers: dict[str, _Layer]
+    tensors_sha256: str = Field(pattern=_SHA256)
+    manifest_sha256: str | None = None
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe(cls, recipe: dict[str, Any]) -> dict[str, Any]:
+        Recipe.model_validate(recipe)  # raises on an empty or edited recipe
+        return recipe
+
+    @field_validator("timestep_bins")
+    @classmethod
+    def _edges(cls, bins: dict[str, list[float]]) -> dict[str, list[float]]:
+        for expert, edges in bins.items():
+            if len(edges) < 2 or not all(math.isfinite(e) for e in edges) or any(
+                    b <= a for a, b in zip(edges, edges[1:], strict=False)):
+                raise ValueError(f"{expert}: timestep-bin edges must be at least 2 finite increasing numbers")
+        return bins
+
+    @field_validator("layers")
+    @classmethod
+    def _names(cls, layers: dict[str, _Layer]) -> dict[str, _Layer]:
+        for name in layers:
+            split_name(name)
+        return layers
+
+
 def load_state(directory: str | Path) -> PTQState:
-    """Read a state written by `PTQState.save`, refusing truncated or tampered files."""
+    """Read a state written by `PTQState.save`, refusing malformed, truncated or tampered files."""
     directory = Path(directory)
     manifest_file, tensors_file = directory / MANIFEST, directory / TENSORS
     for f in (manifest_file, tensors_file):
         if not f.is_file():
             raise ValueError(f"{directory}: not a PTQ state (no {f.name}); create one with `vidquant quantize`")
     try:
-        manifest = json.loads(manifest_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{manifest_file}: unreadable manifest ({err})") from err
-    if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_VERSIONS:
-        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raw = json.loads(manifest_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        raise ValueError(f"{manifest_file}: unreadable manifest ({err})") from None
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise ValueError(f"{manifest_file}: state format version {version} is not one "
                          f"this vidquant reads ({', '.join(map(str, READABLE_VERSIONS))})")
-    if manifest["format_version"] >= 3:
-        check_seal(manifest, manifest_file)
-    if file_sha256(tensors_file) != manifest.get("tensors_sha256"):
+    if version >= 3:
+        check_seal(raw, manifest_file)
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()[:5])
+        raise ValueError(f"{manifest_file}: invalid manifest: {problems}") from None
+    if file_sha256(tensors_file) != manifest.tensors_sha256:
         raise ValueError(f"{tensors_file}: checksum differs from the manifest's (truncated or modified)")
-    expected = {f"{name}.{k}": TensorSpec() for name, info in manifest["layers"].items() for k in info["tensors"]}
+    expected = {f"{name}.{k}": TensorSpec() for name, info in manifest.layers.items() for k in info.tensors}
     tensors, _ = read_safetensors(tensors_file, expected, what="PTQ state")  # names checked before allocation
-    layers = {}
-    for name, info in manifest["layers"].items():
-        layers[name] = LayerState(info["weight_format"], info["act_format"], info["weight_sha256"],
-                                  **{k: tensors[f"{name}.{k}"] for k in info["tensors"]})
-    return PTQState(layers, manifest["recipe"], manifest["base"], manifest.get("plan", {}),
-                    manifest["library_version"], manifest.get("timestep_bins", {}))
+    layers = {
+        name: LayerState(info.weight_format, info.act_format, info.weight_sha256,
+                         {k: tensors[f"{name}.{k}"] for k in info.tensors})
+        for name, info in manifest.layers.items()
+    }
+    return PTQState(layers, manifest.recipe, manifest.base.model_dump(), manifest.plan, manifest.library_version,
+                    manifest.timestep_bins)
 
 
-def verify(pipe, state: PTQState) -> list[tuple[nn.Module, str, nn.Linear, LayerState]]:
-    """Check that ``pipe`` is the base checkpoint ``state`` was made for; return what `apply` swaps.
+def verify(model: Any, state: PTQState) -> list[tuple[str, nn.Linear, LayerState]]:
+    """Check that ``model`` is the base checkpoint ``state`` was made for; return what `apply` swaps.
 
-    The same configs, and for every layer a plain Linear with the same weight (sha256); the error names
-    what differs. Cheap next to generation, so long jobs call it before any work.
+    The same configs, and for every layer a plain Linear with the same weight (sha256) and tensors its parts
+    accept; the error names what differs. Cheap next to generation, so long jobs call it before any work.
     """
-    config = wan.config_fingerprint(pipe)
+    adapter = adapter_for(model)
+    config = adapter.config_fingerprint()
     if config != state.base["config_sha256"]:
         raise ValueError(f"this state was made for another model: config fingerprint {state.base['config_sha256']}"
-                         f" vs the pipeline's {config} (pipeline class, boundary ratio or expert configs differ)")
-    experts = wan.experts(pipe)
+                         f" vs the model's {config} (class, routing or expert configs differ)")
     targets = []
     for name, layer in state.layers.items():
-        expert, module_name = name.split(".", 1)
-        module = _submodule(experts.get(expert), module_name)
-        if not isinstance(module, nn.Linear) or isinstance(module, QuantLinear):
-            kind = "missing" if module is None else type(module).__name__
-            raise ValueError(f"layer {name}: expected a plain nn.Linear in the base pipeline, found {kind}")
+        expert, _ = split_name(name)
+        try:
+            module = adapter.linear(name)
+        except ValueError as err:
+            raise ValueError(f"{err}: expected a plain nn.Linear in the base model") from None
+        if isinstance(module, QuantLinear):
+            raise ValueError(f"layer {name}: expected a plain nn.Linear in the base model, found QuantLinear")
         if tensor_sha256(module.weight) != layer.weight_sha256:
             raise ValueError(f"layer {name}: its weight differs from the one this state was made for "
                              "(another checkpoint, a fine-tune, or another dtype)")
-        if layer.act_clip is not None and layer.act_clip.dim() == 1:
+        check_tensors(layer.tensors, module.out_features, module.in_features, layer.weight_format, f"layer {name}")
+        clip = layer.tensors.get("act_clip")
+        if clip is not None and clip.dim() == 1:
             edges = state.timestep_bins.get(expert)
-            if edges is None or len(edges) - 1 != layer.act_clip.numel():
-                raise ValueError(f"layer {name}: {layer.act_clip.numel()} per-bin clip ratios, but the state has "
+            if edges is None or len(edges) - 1 != clip.numel():
+                raise ValueError(f"layer {name}: {clip.numel()} per-bin clip ratios, but the state has "
                                  f"{'no' if edges is None else len(edges) - 1} timestep bins for {expert}")
-        targets.append((experts[expert], module_name, module, layer))
+        targets.append((name, module, layer))
     return targets
 
 
-def apply(pipe, state: PTQState) -> None:
-    """Quantize ``pipe`` in place under ``state``: every listed Linear becomes a `QuantLinear`.
+def apply(model: Any, state: PTQState) -> None:
+    """Quantize ``model`` in place under ``state``: every listed Linear becomes a `QuantLinear`.
 
-    `verify` runs first, before any module changes.
+    `verify` runs first, before any module changes; the model's adapter then publishes each expert call's
+    timestep bin to that expert's quantized layers (per-bin clip ratios).
     """
-    targets = verify(pipe, state)
-    for model, module_name, module, layer in targets:
-        swap(model, module_name, quant_linear(module, layer))
-    wan.publish_timestep_bins(pipe, state.timestep_bins)
+    adapter = adapter_for(model)
+    targets = verify(model, state)
+    contexts = {expert: StepContext() for expert in adapter.experts()}
+    experts = adapter.experts()
+    for name, module, layer in targets:
+        expert, module_name = split_name(name)
+        swap(experts[expert], module_name, quant_linear(module, layer, contexts[expert], name))
+    adapter.publish_bins(state.timestep_bins, lambda expert, b: setattr(contexts[expert], "timestep_bin", b))
     logger.info("applied a PTQ state: %d Linears quantized", len(targets))
+
+
+def quant_linear(module: nn.Linear, layer: LayerState, context: StepContext | None = None,
+                 name: str = "layer") -> QuantLinear:
+    """The `QuantLinear` that ``layer`` makes of the base Linear ``module`` (on its device)."""
+    return QuantLinear.from_state(module, layer.weight_format, layer.act_format, layer.tensors, context=context,
+                                  name=name)
 
 
 def remove_state(directory: str | Path) -> None:
@@ -193,24 +283,3 @@ def remove_state(directory: str | Path) -> None:
     for entry in directory.iterdir():  # only our own files are left, `check_output` made sure
         entry.unlink()
     directory.rmdir()
-
-
-def quant_linear(module: nn.Linear, layer: LayerState) -> QuantLinear:
-    """The `QuantLinear` that ``layer`` makes of the base Linear ``module`` (on its device)."""
-    device = module.weight.device
-    to = {k: None if v is None else v.to(device) for k, v in layer.tensors().items()}
-    lowrank = None if layer.lowrank_down is None else (to["lowrank_down"], to["lowrank_up"])
-    quantized = None
-    if layer.weight_packed is not None:
-        fmt = formats.get(layer.weight_format)
-        encoded = fmt.unpack(to["weight_packed"], tuple(module.weight.shape), -1, module.weight.dtype)
-        quantized = fmt.decode(encoded)
-    return QuantLinear(module, layer.weight_format, layer.act_format, mask=to.get("mask"),
-                       act_clip=to.get("act_clip"), lowrank=lowrank, quantized_weight=quantized)
-
-
-def _submodule(model: nn.Module | None, name: str) -> nn.Module | None:
-    try:
-        return None if model is None else model.get_submodule(name)
-    except AttributeError:
-        return None

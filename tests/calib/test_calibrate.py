@@ -17,7 +17,7 @@ from vidquant.calib.prompts import default_prompts
 from vidquant.calib.stats import InputStats, load_stats
 from vidquant.cli import app
 from vidquant.models import tiny, wan
-from vidquant.models.wan import bin_edges, timestep_bin
+from vidquant.models import bin_edges, timestep_bin
 
 SETTINGS = CalibSettings(num_prompts=3, steps=3, height=32, width=32, frames=5, bins=2)
 

@@ -75,7 +75,7 @@ def test_held_out_seeds_are_disjoint_from_calibration(pipe, monkeypatch) -> None
     seeds: list[int] = []
     real = capture_module.generate
 
-    def recording(pipe_, prompt, settings, *, seed, on_step):
+    def recording(pipe_, prompt, settings, *, seed, on_step=None):
         seeds.append(seed)
         real(pipe_, prompt, settings, seed=seed, on_step=on_step)
 

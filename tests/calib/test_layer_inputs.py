@@ -9,7 +9,7 @@ from vidquant.calib.calibrate import CalibSettings
 from vidquant.calib.capture import Reservoir
 from vidquant.calib.layer_inputs import LayerInputs, collect_layer_inputs, hessian_nbytes
 from vidquant.calib.prompts import default_prompts
-from vidquant.models import tiny, wan
+from vidquant.models import adapter_for, timestep_bin, tiny, wan
 
 SETTINGS = CalibSettings(num_prompts=2, steps=4, height=32, width=32, frames=5)
 PROMPTS = default_prompts()[:2]
@@ -26,7 +26,7 @@ def _all_groups(pipe) -> dict[str, list[list[str]]]:
 
 
 def test_hessian_is_xtx_of_every_call_and_samples_follow_the_bins(pipe) -> None:
-    edges = wan.expert_bin_edges(pipe, BINS)
+    edges = adapter_for(pipe).bin_edges(BINS)
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in wan.experts(pipe)}
     bins: dict[str, list[int]] = {name: [] for name in wan.experts(pipe)}
     handles = []
@@ -35,7 +35,8 @@ def test_hessian_is_xtx_of_every_call_and_samples_follow_the_bins(pipe) -> None:
             inputs[expert].append(args[0].reshape(-1, args[0].shape[-1]).clone())
 
         def on_call(_m, args, kwargs, expert=expert):
-            bins[expert].append(wan.timestep_bin(wan.call_timestep(args, kwargs), edges[expert]))
+            t = adapter_for(pipe).call_info(expert, args, kwargs, None).timestep
+            bins[expert].append(timestep_bin(t, edges[expert]))
 
         handles += [model.get_submodule("blocks.1.ffn.net.2").register_forward_pre_hook(on_input),
                     model.register_forward_pre_hook(on_call, with_kwargs=True)]
@@ -59,7 +60,7 @@ def test_hessian_is_xtx_of_every_call_and_samples_follow_the_bins(pipe) -> None:
 
 
 def test_groups_share_one_record_and_runs_are_deterministic(pipe) -> None:
-    edges = wan.expert_bin_edges(pipe, BINS)
+    edges = adapter_for(pipe).bin_edges(BINS)
     groups = {"transformer": [["blocks.0.attn1.to_q", "blocks.0.attn1.to_k"], ["blocks.0.ffn.net.0.proj"]]}
     first = collect_layer_inputs(pipe, PROMPTS, SETTINGS, groups, edges, max_tokens=7)
     second = collect_layer_inputs(pipe, PROMPTS, SETTINGS, groups, edges, max_tokens=7)

@@ -29,7 +29,7 @@ from vidquant.eval.generate import (
 from vidquant.eval.metrics import TEMPORAL, compare_videos, summarize
 from vidquant.eval.probes import StepTimer, current_rss, peak_memory, weight_bytes
 from vidquant.eval.protocol import Protocol
-from vidquant.models import tiny, wan
+from vidquant.models import adapter_for, tiny, wan
 from vidquant.nn import QuantLinear, swap
 
 PROTOCOL = Protocol(height=16, width=32, frames=5, steps=2)
@@ -96,12 +96,17 @@ def test_protocol_fingerprint_and_grid() -> None:
     assert PROTOCOL.fingerprint() == Protocol(height=16, width=32, frames=5, steps=2).fingerprint()
     assert PROTOCOL.fingerprint() != PROTOCOL.model_copy(update={"cfg": 5.0}).fingerprint()
     assert Protocol().model_dump()["frames"] == 61
+    wan = adapter_for(tiny.build_tiny_pipeline(outliers=False))  # the grid is the model family's
     with pytest.raises(ValueError, match="4k"):
-        Protocol(frames=60)
+        wan.check_protocol(Protocol(frames=60))
     with pytest.raises(ValueError, match="multiple of 16"):
-        Protocol(width=1000)
+        wan.check_protocol(Protocol(width=1000))
+    wan.check_protocol(Protocol())
     with pytest.raises(ValueError):
         Protocol(steps=40, guidance=3.0)
+    for bad in ({"cfg": float("nan")}, {"cfg": float("inf")}, {"cfg": -1.0}, {"frames": 0}, {"height": 0}):
+        with pytest.raises(ValueError):
+            Protocol(**bad)
 
 
 def test_video_names_are_readable_safe_and_short() -> None:

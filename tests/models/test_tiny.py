@@ -9,7 +9,8 @@ import torch
 from diffusers import WanImageToVideoPipeline, WanPipeline
 
 from vidquant.models.tiny import build_medium_pipeline, build_tiny_pipeline, tiny_tokenizer
-from vidquant.models.wan import experts, fingerprint, placeholder_image, target_linears
+from vidquant.models import adapter_for
+from vidquant.models.wan import experts, placeholder_image, target_linears
 
 CALL = {
     "prompt": "a red car",
@@ -54,8 +55,8 @@ def test_configs_follow_wan22_a14b() -> None:
 
 def test_builds_are_deterministic_and_experts_differ() -> None:
     pipe = build_tiny_pipeline()
-    assert fingerprint(build_tiny_pipeline()) == fingerprint(pipe)
-    assert fingerprint(build_tiny_pipeline(seed=3)) != fingerprint(pipe)
+    assert adapter_for(build_tiny_pipeline()).fingerprint() == adapter_for(pipe).fingerprint()
+    assert adapter_for(build_tiny_pipeline(seed=3)).fingerprint() != adapter_for(pipe).fingerprint()
     first, second = experts(pipe).values()
     assert not torch.equal(first.blocks[0].attn1.to_q.weight, second.blocks[0].attn1.to_q.weight)
     rng_before = torch.random.get_rng_state()

@@ -10,18 +10,22 @@ import torch
 from diffusers import WanTransformer3DModel
 from torch import nn
 
+from vidquant.models import adapter_for, timestep_bin
 from vidquant.models.tiny import TINY_EXPERT, build_tiny_pipeline
 from vidquant.models.wan import (
     boundary_linears,
     boundary_timestep,
     expert_for_timestep,
     experts,
-    fingerprint,
     input_groups,
     load_pipeline,
     placeholder_image,
     target_linears,
 )
+
+
+def fingerprint(pipe) -> str:
+    return adapter_for(pipe).fingerprint()
 
 BLOCK_LINEARS = [
     "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -250,28 +254,24 @@ def test_fingerprint_tracks_weights_and_config() -> None:
     assert fingerprint(pipe) != reference
 
 
-def test_publish_timestep_bins_follows_each_call() -> None:
-    from vidquant.models.wan import call_timestep, expert_bin_edges, publish_timestep_bins, timestep_bin
-
+def test_publish_bins_follows_each_call() -> None:
     pipe = build_tiny_pipeline()
-    edges = expert_bin_edges(pipe, 2)
+    adapter = adapter_for(pipe)
+    edges = adapter.bin_edges(2)
     boundary = boundary_timestep(pipe)
     assert edges["transformer"] == [boundary, (boundary + 1000) / 2, 1000.0]
     assert edges["transformer_2"] == [0.0, boundary / 2, boundary]
-
-    class Probe(nn.Module):
-        timestep_bin = -1
-
     model = experts(pipe)["transformer_2"]
-    model.probe = Probe()
+    published: list[int] = []
     seen = []
-    publish_timestep_bins(pipe, edges)
-    publish_timestep_bins(pipe, edges)  # replaces its hook instead of adding a second one
-    model.register_forward_pre_hook(lambda m, a, k: seen.append((m.probe.timestep_bin, call_timestep(a, k))),
-                                    with_kwargs=True)  # runs after the publisher's
-    assert len(model._forward_pre_hooks) == 2
+    adapter.publish_bins(edges, lambda expert, b: published.append(b) if expert == "transformer_2" else None)
+    adapter.publish_bins(edges, lambda expert, b: published.append(b) if expert == "transformer_2" else None)
+    model.register_forward_pre_hook(  # runs after the publisher's
+        lambda m, a, k: seen.append((published[-1], adapter.call_info("transformer_2", a, k, None).timestep)),
+        with_kwargs=True)
+    assert len(model._forward_pre_hooks) == 2  # the second publish replaced the first one's hook
     pipe(prompt="a cat", num_inference_steps=8, height=32, width=32, num_frames=5, output_type="latent")
     assert len(seen) >= 2 and all(b == timestep_bin(t, edges["transformer_2"]) for b, t in seen)
     assert {b for b, _ in seen} == {0, 1}
-    publish_timestep_bins(pipe, {})
+    adapter.publish_bins({}, None)
     assert len(model._forward_pre_hooks) == 1

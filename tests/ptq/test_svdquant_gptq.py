@@ -14,7 +14,7 @@ from vidquant import formats
 from vidquant.calib.calibrate import CalibSettings, calibrate
 from vidquant.calib.prompts import default_prompts
 from vidquant.eval.metrics import latent_rel_error
-from vidquant.models import tiny, wan
+from vidquant.models import adapter_for, tiny, wan
 from vidquant.nn import QuantLinear
 from vidquant.ptq import svdquant_gptq
 from vidquant.recipes import Recipe, load_recipe
@@ -23,11 +23,13 @@ SETTINGS = CalibSettings(num_prompts=2, steps=6, height=32, width=32, frames=5, 
 PROMPTS = default_prompts()
 
 
-def recipe(name: str = "svdquant-gptq-hif4", **update) -> Recipe:
+def recipe(name: str = "svdquant-gptq-hif4", **options) -> Recipe:
+    """A bundled recipe with 2 timestep bins and ``options`` set in its method's section."""
     data = load_recipe(name).to_dict()
     if data["method"] == "svdquant-gptq":
-        data["clip_search"] = {**data["clip_search"], "bins": 2}
-    return Recipe.model_validate({**data, **update})
+        section = data["svdquant-gptq"]
+        data["svdquant-gptq"] = {**section, "clip_search": {**section["clip_search"], "bins": 2}, **options}
+    return Recipe.model_validate(data)
 
 
 def run(pipe) -> np.ndarray:
@@ -68,12 +70,13 @@ def test_state_holds_packed_residuals_branches_and_bin_clips(base_dir: Path, sta
         expert, module_name = name.split(".", 1)
         weight = wan.experts(pipe)[expert].get_submodule(module_name).weight
         n, k = weight.shape
-        assert layer.weight_packed.dtype == torch.uint8 and layer.weight_packed.numel() == fmt.packed_nbytes(n, k)
-        rank = load_recipe("svdquant-gptq-hif4").lowrank.rank_for(n, k)
-        assert layer.lowrank_down.shape == (rank, k) and layer.lowrank_up.shape == (n, rank)
-        assert layer.act_clip.shape == (2,) and ((layer.act_clip > 0) & (layer.act_clip <= 1)).all()
-        assert layer.mask is not None
-    assert any((layer.act_clip < 1).any() for layer in state.layers.values())  # the search does clip somewhere
+        assert layer.tensors["weight_packed"].dtype == torch.uint8 and layer.tensors["weight_packed"].numel() == fmt.packed_nbytes(n, k)
+        rank = load_recipe("svdquant-gptq-hif4").options.lowrank.rank_for(n, k)
+        t = layer.tensors
+        assert t["lowrank_down"].shape == (rank, k) and t["lowrank_up"].shape == (n, rank)
+        assert t["act_clip"].shape == (2,) and ((t["act_clip"] > 0) & (t["act_clip"] <= 1)).all()
+        assert "mask" in t
+    assert any((layer.tensors["act_clip"] < 1).any() for layer in state.layers.values())  # the search does clip somewhere
 
 
 def test_save_load_apply_is_bit_identical_and_beats_tail_aware(base_dir: Path, stats, state, tmp_path: Path) -> None:
@@ -97,15 +100,15 @@ def test_quantize_leaves_the_pipeline_unchanged_and_sequential_moves_only_the_se
     base_dir: Path, stats, state
 ) -> None:
     pipe = fresh(base_dir)
-    before = wan.fingerprint(pipe)
+    before = adapter_for(pipe).fingerprint()
     sequential = vidquant.quantize(pipe, recipe(sequential_experts=True), stats)
-    assert wan.fingerprint(pipe) == before
+    assert adapter_for(pipe).fingerprint() == before
     assert all(type(m) is nn.Linear for model in wan.experts(pipe).values() for m in wan.target_linears(model).values())
-    assert all(not hasattr(model, "_vidquant_timestep_hook") for model in wan.experts(pipe).values())
+    assert all(not hasattr(model, "_vidquant_bin_hook") for model in wan.experts(pipe).values())
     for name, layer in state.layers.items():
-        same = torch.equal(layer.weight_packed, sequential.layers[name].weight_packed)
+        same = torch.equal(layer.tensors["weight_packed"], sequential.layers[name].tensors["weight_packed"])
         assert same if name.startswith("transformer.") else True
-    assert any(not torch.equal(layer.weight_packed, sequential.layers[name].weight_packed)
+    assert any(not torch.equal(layer.tensors["weight_packed"], sequential.layers[name].tensors["weight_packed"])
                for name, layer in state.layers.items() if name.startswith("transformer_2."))
 
 
@@ -138,13 +141,13 @@ def test_passes_within_a_hessian_budget_and_resume_give_the_same_state(
                                 hessian_budget_gb=budget)
     assert len(calls) >= 2  # the remaining passes only
     for name, layer in saved.layers.items():  # what the checkpoint held is taken as is
-        for key, tensor in layer.tensors().items():
-            assert torch.equal(tensor, resumed.layers[name].tensors()[key]), (name, key)
+        for key, tensor in layer.tensors.items():
+            assert torch.equal(tensor, resumed.layers[name].tensors[key]), (name, key)
     # Against the one-pass state: equal up to BLAS rounding, whose last bits depend on how the process's
     # allocator aligned the Hessians (another test order gives other bits); codes may flip at a tie.
     for name, layer in state.layers.items():
-        other = resumed.layers[name].tensors()
-        for key, tensor in layer.tensors().items():
+        other = resumed.layers[name].tensors
+        for key, tensor in layer.tensors.items():
             if key == "weight_packed":
                 assert (tensor == other[key]).float().mean() > 0.97, (name, key)
             else:

@@ -12,13 +12,13 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from vidquant.models import wan
+from vidquant.patterns import matches
 from vidquant.models.tiny import MEDIUM_EXPERT, build_tiny_pipeline
 from vidquant.recipes import (
     DEFAULT_ALPHA,
     DEFAULT_PERCENTILE,
     Recipe,
     load_recipe,
-    matches,
     plan,
     recipe_names,
 )
@@ -170,12 +170,23 @@ def test_svdquant_gptq_recipes_load() -> None:
     for fmt in ("hif4", "mxfp4", "nvfp4"):
         loaded = load_recipe(f"svdquant-gptq-{fmt}")
         assert (loaded.method, loaded.weights, loaded.activations) == ("svdquant-gptq", fmt, fmt)
-        assert (loaded.lowrank.rank, loaded.gptq.block_size, loaded.gptq.damp, loaded.clip_search.bins) == (
-            32, 128, 0.01, 4)  # fmt: skip
-        assert loaded.clip_search.enabled and loaded.gptq.enabled and 1.0 in loaded.clip_search.grid
-    lowrank = load_recipe("svdquant-gptq-hif4").lowrank
+        o = loaded.options  # the method's own section
+        assert (o.lowrank.rank, o.gptq.block_size, o.gptq.damp, o.clip_search.bins) == (32, 128, 0.01, 4)
+        assert o.clip_search.enabled and o.gptq.enabled and 1.0 in o.clip_search.grid
+    lowrank = load_recipe("svdquant-gptq-hif4").options.lowrank
     assert (lowrank.rank_for(5120, 13824), lowrank.rank_for(32, 32), lowrank.rank_for(96, 64)) == (32, 4, 8)
-    assert "lowrank" not in load_recipe("tail-aware-hif4").to_dict()
+    data = load_recipe("tail-aware-hif4").to_dict()
+    assert "lowrank" not in data and "svdquant-gptq" not in data and "smoothquant" not in data
+    assert set(load_recipe("svdquant-gptq-hif4").to_dict()["svdquant-gptq"]) == {
+        "lowrank", "gptq", "clip_search", "sequential_experts"}
+
+
+def test_options_written_at_the_top_level_still_load() -> None:
+    """Recipes and states of state format 2 kept the svdquant-gptq options at the top level."""
+    old = {**BASE, "method": "svdquant-gptq", "lowrank": {"rank": 8}, "clip_search": {"bins": 2}}
+    migrated = Recipe.model_validate(old)
+    assert (migrated.options.lowrank.rank, migrated.options.clip_search.bins) == (8, 2)
+    assert Recipe.model_validate(migrated.to_dict()) == migrated
 
 
 def test_round_trip_to_dict() -> None:
@@ -213,13 +224,17 @@ def test_user_file_loads_and_takes_its_file_name(tmp_path: Path) -> None:
         ("weights: hif4\nactivations: hif4\nact_clip: 0\n", "act_clip: .*greater than 0"),
         ("weights: hif5\nactivations: hif4\n", "weights: unknown format 'hif5'"),
         ("weights: hif4\nactivations: int3\n", "activations: unknown format 'int3'"),
-        ("weights: hif4\nactivations: hif4\nmethod: gptq\n", "method: "),
+        ("weights: hif4\nactivations: hif4\nmethod: gptq\n", "unknown method 'gptq'; known methods: "),
         ("weights: hif4\nactivations: hif4\nlowrank: {rank: 8}\n", "lowrank: only with method svdquant-gptq"),
         ("weights: hif4\nactivations: hif4\nmethod: svdquant-gptq\nact_clip: 0.9\n", "exclude each other"),
         ("weights: hif4\nactivations: hif4\nmethod: svdquant-gptq\nclip_search: {grid: [0.5]}\n", "hold 1.0"),
         ("weights: hif4\nactivations: hif4\nmethod: svdquant-gptq\nclip_search: {grid: [0, 1]}\n", r"\(0, 1\]"),
-        ("weights: hif4\nactivations: hif4\nmethod: svdquant-gptq\ngptq: {damp: 0}\n", "gptq.damp: "),
-        ("weights: hif4\nactivations: hif4\nmethod: svdquant-gptq\nlowrank: {rnak: 8}\n", "unknown key 'lowrank.rnak'"),
+        ("weights: hif4\nactivations: hif4\nmethod: svdquant-gptq\ngptq: {damp: 0}\n", "svdquant-gptq.gptq.damp: "),
+        ("weights: hif4\nactivations: hif4\nmethod: svdquant-gptq\nlowrank: {rnak: 8}\n",
+         "unknown key 'svdquant-gptq.lowrank.rnak'"),
+        ("weights: hif4\nactivations: hif4\nmethod: svdquant-gptq\nsvdquant-gptq: {clip_search: {bins: 100000000}}\n",
+         "svdquant-gptq.clip_search.bins: "),
+        ("weights: hif4\nactivations: hif4\nsvdquant-gptq: {gptq: {damp: 1}}\n", "unknown key 'svdquant-gptq'"),
         ("weights: hif4\nactivations: hif4\nprotect_blocks: [a]\n", r"protect_blocks.0: "),
         ("weights: hif4\nactivations: hif4\nmax_protected_blocks: -1\n", "max_protected_blocks: "),
         ("weights: hif4\nactivations: hif4\nprotect: ['re:(']\n", r"protect: invalid regular expression in pattern 're:\('"),

@@ -13,20 +13,21 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from pydantic import Field
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .. import __version__
 from ..eval.protocol import Protocol
-from ..models import wan
+from ..models import adapter_for
 from ..outputs import check_output, locked_output
+from ..progress import progress_bar
 from . import histogram
 from .collector import collecting
-from .prompts import prompt_set_hash
+from .data import CalibData, ForwardLoop, generate, is_prompts, run_loop
+from .prompts import default_prompts, prompt_set_hash
 from .stats import FORMAT_VERSION, STATS_FILE, STATS_OWNED, TAIL_KEYS, CalibStats, InputStats, load_stats
 
 logger = logging.getLogger(__name__)
@@ -41,20 +42,25 @@ class CalibSettings(Protocol):
 
 
 def new_stats(
-    pipe, settings: CalibSettings, prompts: list[str], device: torch.device, fingerprint: str | None = None
+    model: Any, settings: CalibSettings, data_hash: str | None, device: torch.device,
+    fingerprint: str | None = None, *, prompts: bool = True,
 ) -> CalibStats:
-    """Empty statistics for every distinct target-Linear input of every expert of ``pipe``.
+    """Empty statistics for every distinct target-Linear input of every expert of ``model``.
 
-    ``fingerprint`` defaults to `wan.fingerprint` of the pipeline's weights.
+    ``data_hash``: the prompt set's hash (``prompts``) or the forward loop's batches' hash (None: unknown);
+    ``fingerprint`` defaults to the adapter's fingerprint of the model's weights.
     """
-    edges = wan.expert_bin_edges(pipe, settings.bins)
+    adapter = adapter_for(model)
+    edges = adapter.bin_edges(settings.bins)
     inputs, info = {}, {}
-    for name, model in wan.experts(pipe).items():
-        linears = wan.target_linears(model)
+    for name in adapter.experts():
+        linears = adapter.target_linears(name)
+        if not linears:
+            raise ValueError(f"expert '{name}' of this {adapter.family} model has no Linear to calibrate")
         observers = {}
-        for group in wan.input_groups(model):
+        for group in adapter.input_groups(name):
             observers[group[0]] = InputStats.empty(
-                group, linears[group[0]].in_features, settings.bins, settings.tail_keys, device
+                group, linears[group[0]].in_features, len(edges[name]) - 1, settings.tail_keys, device
             )
         inputs[name] = observers
         info[name] = {
@@ -64,9 +70,12 @@ def new_stats(
     meta = {
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
-        "model_fingerprint": fingerprint or wan.fingerprint(pipe),
-        "model_class": type(pipe).__name__,
-        "prompt_set_hash": prompt_set_hash(prompts),
+        "model_fingerprint": fingerprint or adapter.fingerprint(),
+        "model_class": type(model).__name__,
+        "model_family": adapter.family,
+        "data_kind": "prompts" if prompts else "forward_loop",
+        "prompt_set_hash": data_hash if prompts else None,
+        "data_hash": data_hash,
         "settings": settings.model_dump(mode="json"),
         "experts": info,
         "prompts_done": 0,
@@ -84,20 +93,44 @@ def _check_resumable(old: dict, new: dict, where: Path) -> None:
 
 
 def calibrate(
-    pipe, prompts: list[str], settings: CalibSettings, out: str | Path, *, progress: bool = True
+    model: Any,
+    data: CalibData | None = None,
+    settings: CalibSettings | None = None,
+    out: str | Path | None = None,
+    *,
+    progress: bool = True,
 ) -> CalibStats:
-    """Run calibration (resuming what ``out`` already holds) and return the merged statistics."""
+    """Statistics of ``model``'s target-Linear inputs over ``data``, merged; saved to ``out`` when given.
+
+    ``data``: calibration prompts for a video pipeline (default: the bundled set; resumes what ``out``
+    holds, prompt by prompt), or a forward loop for any model (`data.run_loop`; run once, saved at the end).
+    """
+    adapter = adapter_for(model)
+    settings = settings or CalibSettings(bins=1 if not adapter.is_pipeline else 4)
+    if data is None:
+        if not adapter.is_pipeline:
+            raise ValueError(f"calibrating a {type(model).__name__} needs a forward loop (a callable taking the "
+                             "model, or an iterable of input batches)")
+        data = default_prompts()
+    if not is_prompts(data):
+        return _calibrate_loop(model, data, settings, out)
+    adapter.check_protocol(settings)
+    if len(data) < settings.num_prompts:
+        raise ValueError(f"{settings.num_prompts} calibration prompts asked for, the prompt set has {len(data)}")
+    prompts = list(data[: settings.num_prompts])
+    if out is None:
+        stats = new_stats(model, settings, prompt_set_hash(prompts), adapter.device())
+        _run_prompts(model, stats, prompts, list(range(len(prompts))), settings, progress, save=None)
+        _report_nonfinite(stats)
+        return stats
     out = Path(out)
-    if len(prompts) < settings.num_prompts:
-        raise ValueError(f"{settings.num_prompts} calibration prompts asked for, the prompt set has {len(prompts)}")
-    prompts = prompts[: settings.num_prompts]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     # one process holds the folder's lock; torchrun's ranks share it, each writing its own file
     guard = locked_output(out, STATS_OWNED, "statistics folder") if rank == 0 else _checked(out)
     with guard:
         if world > 1:
             dist.barrier()  # rank 0 has created the folder and removed stale temp files
-        stats = _calibrate_rank(pipe, prompts, settings, out, rank, world, progress)
+        stats = _calibrate_rank(model, prompts, settings, out, rank, world, progress)
         if world > 1:
             stats = _all_reduce(stats)
             stats.meta["prompts_done"], stats.meta["world_size"] = len(prompts), 1
@@ -107,16 +140,34 @@ def calibrate(
     return stats
 
 
+def _calibrate_loop(model: Any, loop: ForwardLoop, settings: CalibSettings, out: str | Path | None) -> CalibStats:
+    """Statistics over one run of a forward loop (no mid-loop resume: a loop cannot be restarted halfway)."""
+    adapter = adapter_for(model)
+    stats = new_stats(model, settings, None, adapter.device(), prompts=False)
+    with collecting(stats, adapter):
+        data_hash = run_loop(model, loop)
+    stats.meta["prompt_set_hash"] = None
+    stats.meta["data_hash"] = data_hash
+    if not any(int(obs.tokens.sum()) for observers in stats.inputs.values() for obs in observers.values()):
+        raise ValueError("the forward loop never called the model's Linears: nothing was calibrated")
+    if out is not None:
+        with locked_output(out, STATS_OWNED, "statistics folder"):
+            stats.save(out)
+    _report_nonfinite(stats)
+    return stats
+
+
 @contextmanager
 def _checked(out: Path) -> Iterator[Path]:
     yield check_output(out, STATS_OWNED, "statistics folder")
 
 
-def _calibrate_rank(pipe, prompts: list[str], settings: CalibSettings, out: Path, rank: int, world: int,
+def _calibrate_rank(pipe: Any, prompts: list[str], settings: CalibSettings, out: Path, rank: int, world: int,
                     progress: bool) -> CalibStats:
     """This process's share of the prompts (resuming its file in ``out``), statistics not yet merged."""
-    device = next(wan.experts(pipe)["transformer"].parameters()).device
-    stats = new_stats(pipe, settings, prompts, device)
+    adapter = adapter_for(pipe)
+    device = adapter.device()
+    stats = new_stats(pipe, settings, prompt_set_hash(prompts), device)
     stats.meta["world_size"] = world
     mine = list(range(rank, len(prompts), world))
     file = out / (STATS_FILE if world == 1 else f"rank{rank}-of-{world}.safetensors")
@@ -125,35 +176,28 @@ def _calibrate_rank(pipe, prompts: list[str], settings: CalibSettings, out: Path
         _check_resumable(old.meta, stats.meta, file)
         stats = old
         logger.info("resuming %s: %d of %d prompts done", file, stats.meta["prompts_done"], len(mine))
-
-    pipe.set_progress_bar_config(disable=True)
     todo = mine[stats.meta["prompts_done"] :]
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not progress or rank != 0,
-    )
-    with bar, collecting(stats, wan.experts(pipe)):
-        prompt_task = bar.add_task("prompts", total=len(mine), completed=len(mine) - len(todo))
-        step_task = bar.add_task("steps", total=settings.steps)
-        for i in todo:
-            logger.info("(%d/%d) calibrating prompt %d: %s", mine.index(i) + 1, len(mine), i, prompts[i][:80])
-            bar.reset(step_task)
-            generate(pipe, prompts[i], settings, seed=settings.seed + i, on_step=lambda: bar.advance(step_task))
-            stats.meta["prompts_done"] += 1
-            stats.save(out, file.name)
-            bar.advance(prompt_task)
+    _run_prompts(pipe, stats, prompts, todo, settings, progress and rank == 0,
+                 save=lambda: stats.save(out, file.name), total=len(mine))
     return stats
-def generate(pipe, prompt: str, settings: CalibSettings, *, seed: int, on_step: Callable[[], None]) -> None:
-    """One calibration generation: the settings' protocol, latents only (the VAE adds nothing here)."""
 
-    def step_end(_pipe, _i, _t, callback_kwargs):
-        on_step()
-        return callback_kwargs
 
-    pipe(**settings.call_kwargs(pipe, prompt, seed), output_type="latent", callback_on_step_end=step_end)
+def _run_prompts(pipe: Any, stats: CalibStats, prompts: list[str], todo: list[int], settings: CalibSettings,
+                 progress: bool, save: Callable[[], None] | None, total: int | None = None) -> None:
+    """Generate the prompts of ``todo`` with hooks collecting into ``stats``; ``save`` after each."""
+    total = len(todo) if total is None else total
+    pipe.set_progress_bar_config(disable=True)
+    with progress_bar(progress) as bar, collecting(stats, adapter_for(pipe)):
+        prompt_task = bar.add_task("prompts", total=total, completed=total - len(todo))
+        step_task = bar.add_task("steps", total=settings.steps)
+        for n, i in enumerate(todo):
+            logger.info("(%d/%d) calibrating prompt %d: %s", total - len(todo) + n + 1, total, i, prompts[i][:80])
+            bar.reset(step_task)
+            generate(pipe, prompts[i], settings, seed=settings.seed_for(i), on_step=lambda: bar.advance(step_task))
+            stats.meta["prompts_done"] += 1
+            if save is not None:
+                save()
+            bar.advance(prompt_task)
 
 
 def _all_reduce(stats: CalibStats) -> CalibStats:

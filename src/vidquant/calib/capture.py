@@ -6,8 +6,8 @@ prompts, with seeds disjoint from calibration's, and keeps per expert and distin
 uniform sample of at most ``max_tokens`` rows of everything the Linear saw over all calls, steps and
 CFG branches: each row draws a key from a seeded generator and the rows with the smallest keys are
 kept (bottom-k sampling), so memory stays at ``max_tokens`` rows and the same run keeps the same rows.
-Rows holding NaN/Inf are never kept. Linears that always receive the same tensor (`wan.input_groups`)
-share one captured tensor.
+Rows holding NaN/Inf are never kept. Linears that always receive the same tensor (the adapter's
+`input_groups`) share one captured tensor.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..models import wan
-from .calibrate import CalibSettings, generate
+from ..models import adapter_for
+from .calibrate import CalibSettings
+from .data import generate
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,9 @@ def capture_inputs(
             f"seed_offset {seed_offset} reuses calibration seeds (seed + 0 .. {settings.num_prompts - 1}); "
             f"use seed_offset >= {settings.num_prompts}"
         )
-    experts = wan.experts(pipe)
-    wanted = layers if layers is not None else {name: list(wan.target_linears(m)) for name, m in experts.items()}
+    adapter = adapter_for(pipe)
+    experts = adapter.experts()
+    wanted = layers if layers is not None else {name: list(adapter.target_linears(name)) for name in experts}
     plan: dict[str, list[tuple[list[str], Reservoir]]] = {}
     handles = []
     try:
@@ -99,12 +101,12 @@ def capture_inputs(
             if expert not in experts:
                 raise ValueError(f"unknown expert '{expert}'; the pipeline has {', '.join(experts)}")
             model = experts[expert]
-            unknown = set(names) - set(wan.target_linears(model))
+            unknown = set(names) - set(adapter.target_linears(expert))
             if unknown:
                 raise ValueError(f"{expert}: not target Linears: {', '.join(sorted(unknown))}")
             modules = dict(model.named_modules())
             plan[expert] = []
-            for g_index, group in enumerate(wan.input_groups(model)):
+            for g_index, group in enumerate(adapter.input_groups(expert)):
                 picked = [name for name in group if name in names]
                 if not picked:
                     continue
@@ -115,7 +117,7 @@ def capture_inputs(
         with torch.no_grad():
             for i, prompt in enumerate(prompts):
                 logger.info("capturing inputs, prompt %d/%d: %s", i + 1, len(prompts), prompt[:80])
-                generate(pipe, prompt, settings, seed=settings.seed + seed_offset + i, on_step=lambda: None)
+                generate(pipe, prompt, settings, seed=settings.seed_for(seed_offset + i))
     finally:
         for handle in handles:
             handle.remove()
@@ -126,7 +128,7 @@ def capture_inputs(
             sample = reservoir.sample()
             samples.update(dict.fromkeys(picked, sample))
             logger.debug("%s %s: kept %d of %d rows", expert, picked[0], len(sample), reservoir.seen)
-        out[expert] = {name: samples[name] for name in wan.target_linears(experts[expert]) if name in samples}
+        out[expert] = {name: samples[name] for name in adapter.target_linears(expert) if name in samples}
     return out
 
 

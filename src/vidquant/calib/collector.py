@@ -1,9 +1,8 @@
-"""Hooks that feed observers of Linear inputs while the pipeline runs a normal generation call.
+"""Hooks that feed observers of Linear inputs while the model runs a normal call (generation or forward loop).
 
-One forward pre-hook per expert reads the timestep (-> timestep bin) and tells the CFG branch apart;
-one forward pre-hook per observed Linear input calls its observer with ``(x, bin, branch)``. Wan
-pipelines call an expert once per branch at each timestep, conditional first, so the n-th call at an
-unchanged timestep is branch n.
+The model's adapter says, before each expert call, its timestep (-> timestep bin) and CFG branch
+(`CallInfo`); one forward pre-hook per observed Linear input calls its observer with ``(x, bin, branch)``.
+When a pipeline stacks both CFG branches in one batch, the rows of each branch are observed apart.
 """
 
 from __future__ import annotations
@@ -14,43 +13,45 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..models.wan import call_timestep, timestep_bin
-from .stats import BRANCHES, CalibStats
+from ..models import CallInfo, ModelAdapter, timestep_bin
+from .stats import CalibStats
 
 Observer = Callable[[Tensor, int, int], None]  # (input, timestep bin, CFG branch)
 
 
 @contextmanager
 def observing(
-    experts: dict[str, nn.Module], edges: dict[str, list[float]], observers: dict[str, dict[str, Observer]]
+    adapter: ModelAdapter, edges: dict[str, list[float]], observers: dict[str, dict[str, Observer]]
 ) -> Iterator[None]:
     """Within the block, ``observers[expert][layer](x, bin, branch)`` sees every input of that Linear."""
-    state = {"t": None, "branch": 0, "bin": 0}
-    handles = []
+    current: dict[str, tuple[int, int | tuple[int, ...]]] = {expert: (0, 0) for expert in observers}
 
-    def on_expert(expert_edges: list[float]):
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            t = call_timestep(args, kwargs)
-            same = state["t"] == t
-            state["branch"] = min(state["branch"] + 1, len(BRANCHES) - 1) if same else 0
-            state["t"], state["bin"] = t, timestep_bin(t, expert_edges)
+    def on_call(expert: str, info: CallInfo) -> None:
+        current[expert] = (timestep_bin(info.timestep, edges[expert]), info.branch)
 
-        return hook
-
-    def on_input(observer: Observer):
+    def on_input(expert: str, observer: Observer):
         def hook(_module: nn.Module, args: tuple) -> None:
-            observer(args[0], state["bin"], state["branch"])
+            bin_, branch = current[expert]
+            x = args[0]
+            if isinstance(branch, int):
+                observer(x, bin_, branch)
+            elif x.dim() >= 2 and x.shape[0] == len(branch):
+                rows = torch.tensor(branch, device=x.device)
+                for b in sorted(set(branch)):
+                    observer(x[rows == b], bin_, b)
+            else:  # not batch-major: the rows cannot be told apart
+                observer(x, bin_, branch[-1])
 
         return hook
 
+    handles = []
+    experts = adapter.experts()
     try:
-        for name, layers in observers.items():
-            model = experts[name]
-            handles.append(model.register_forward_pre_hook(on_expert(edges[name]), with_kwargs=True))
-            modules = dict(model.named_modules())
+        for expert, layers in observers.items():
+            modules = dict(experts[expert].named_modules())
             for layer, observer in layers.items():
-                handles.append(modules[layer].register_forward_pre_hook(on_input(observer)))
-        with torch.no_grad():
+                handles.append(modules[layer].register_forward_pre_hook(on_input(expert, observer)))
+        with adapter.watching_calls(on_call, list(observers)), torch.no_grad():
             yield
     finally:
         for handle in handles:
@@ -58,9 +59,9 @@ def observing(
 
 
 @contextmanager
-def collecting(stats: CalibStats, experts: dict[str, nn.Module]) -> Iterator[None]:
-    """Within the block, every forward of ``experts`` adds its target-Linear inputs to ``stats``."""
+def collecting(stats: CalibStats, adapter: ModelAdapter) -> Iterator[None]:
+    """Within the block, every forward of the adapter's experts adds its target-Linear inputs to ``stats``."""
     edges = {name: stats.meta["experts"][name]["bin_edges"] for name in stats.inputs}
     observers = {name: {obs.layers[0]: obs.update for obs in inputs.values()} for name, inputs in stats.inputs.items()}
-    with observing(experts, edges, observers):
+    with observing(adapter, edges, observers):
         yield

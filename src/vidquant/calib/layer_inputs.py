@@ -1,11 +1,12 @@
 """What GPTQ and the clip-ratio search need of each Linear input: X^T X and a per-timestep-bin sample.
 
-`collect_layer_inputs` runs the pipeline on calibration prompts (seeds ``seed + i``, as `calibrate`) and,
-for each distinct input of the chosen target Linears (`wan.input_groups`: Linears reading one tensor
-share one record), accumulates the Hessian ``H = sum_t x_t^T x_t`` in fp32 on the activations' device and
-keeps a bounded uniform sample of rows per timestep bin (`capture.Reservoir`, on the CPU). Rows holding
-NaN/Inf are left out of both. Memory is designed, not hoped for: ``hessian_nbytes`` says what a set of
-inputs costs before anything is allocated, so the caller can split the layers into passes.
+`collect_layer_inputs` runs the calibration data again (prompts with seeds ``seed + i``, as `calibrate`,
+or the user's forward loop) and, for each distinct input of the chosen target Linears (the adapter's
+`input_groups`: Linears reading one tensor share one record), accumulates the Hessian
+``H = sum_t x_t^T x_t`` in fp32 on the activations' device and keeps a bounded uniform sample of rows per
+timestep bin (`capture.Reservoir`, on the CPU). Rows holding NaN/Inf are left out of both. Memory is
+designed, not hoped for: ``hessian_nbytes`` says what a set of inputs costs before anything is allocated,
+so the caller can split the layers into passes.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..models import wan
-from .calibrate import CalibSettings, generate
+from ..models import adapter_for
+from .calibrate import CalibSettings
 from .capture import Reservoir
 from .collector import observing
+from .data import CalibData, generate, is_prompts, run_loop
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +69,8 @@ def hessian_nbytes(in_features: int) -> int:
 
 
 def collect_layer_inputs(
-    pipe,
-    prompts: list[str],
+    model,
+    data: CalibData,
     settings: CalibSettings,
     groups: dict[str, list[list[str]]],
     edges: dict[str, list[float]],
@@ -77,18 +79,20 @@ def collect_layer_inputs(
     hessians: bool = True,
     on_prompt: Callable[[], None] | None = None,
 ) -> dict[str, dict[str, LayerInputs]]:
-    """Per expert and input group (keyed by its first Linear), the `LayerInputs` over the calibration run.
+    """Per expert and input group (keyed by its first Linear), the `LayerInputs` over the calibration data.
 
-    ``groups[expert]`` lists groups of target Linears that read one input (from `wan.input_groups`);
+    ``data``: the calibration prompts (the first ``settings.num_prompts`` run) or a forward loop.
+    ``groups[expert]`` lists groups of target Linears that read one input (the adapter's `input_groups`);
     ``edges[expert]`` the timestep-bin edges; at most ``max_tokens`` rows are kept per bin. ``hessians=False``
     keeps the samples only (held-out inputs for scoring). ``on_prompt`` is called after each prompt (progress).
     """
-    if len(prompts) < settings.num_prompts:
-        raise ValueError(f"{settings.num_prompts} calibration prompts asked for, the prompt set has {len(prompts)}")
-    experts = wan.experts(pipe)
+    prompts = is_prompts(data)
+    if prompts and len(data) < settings.num_prompts:
+        raise ValueError(f"{settings.num_prompts} calibration prompts asked for, the prompt set has {len(data)}")
+    adapter = adapter_for(model)
     records: dict[str, dict[str, LayerInputs]] = {}
     for expert, expert_groups in groups.items():
-        linears = wan.target_linears(experts[expert])
+        linears = adapter.target_linears(expert)
         records[expert] = {}
         for group in expert_groups:
             lin = linears[group[0]]
@@ -101,11 +105,14 @@ def collect_layer_inputs(
                 [Reservoir(max_tokens, seed=seed * 64 + b) for b in range(len(edges[expert]) - 1)],
             )
     observers = {expert: {first: rec.update for first, rec in recs.items()} for expert, recs in records.items()}
-    pipe.set_progress_bar_config(disable=True)
-    with observing(experts, edges, observers):
+    with observing(adapter, edges, observers):
+        if not prompts:
+            run_loop(model, data, on_batch=on_prompt)
+            return records
+        model.set_progress_bar_config(disable=True)
         for i in range(settings.num_prompts):
-            logger.info("(%d/%d) layer inputs of prompt %d: %s", i + 1, settings.num_prompts, i, prompts[i][:80])
-            generate(pipe, prompts[i], settings, seed=settings.seed + i, on_step=lambda: None)
+            logger.info("(%d/%d) layer inputs of prompt %d: %s", i + 1, settings.num_prompts, i, data[i][:80])
+            generate(model, data[i], settings, seed=settings.seed_for(i))
             if on_prompt is not None:
                 on_prompt()
     return records

@@ -23,13 +23,14 @@ from torch import Tensor
 from ..atomic import atomic_path
 from ..checksum import tensors_sha256
 from ..formats.base import use_cpu_kernels
+from ..methods.smoothing import guarded_range
+from ..models import BRANCHES
 from ..safeio import TensorSpec, read_header, read_safetensors
 from . import histogram
 from .histogram import TailHistogram
 
 logger = logging.getLogger(__name__)
 
-BRANCHES = ("cond", "uncond")
 STATS_FILE = "stats.safetensors"
 META_FILE = "meta.json"
 STATS_OWNED = (STATS_FILE, META_FILE, "rank*-of-*.safetensors")  # what a statistics folder may hold
@@ -149,6 +150,12 @@ def token_buckets(token_absmax: Tensor) -> Tensor:
     return torch.bincount(ids, minlength=TOKEN_BUCKETS)
 
 
+def token_bucket_edges() -> np.ndarray:
+    """Edges of `token_buckets`' histogram (TOKEN_BUCKETS + 1 values; the under- and overflow buckets open)."""
+    inner = [2.0 ** (TOKEN_MIN_EXP + j // 4) * (1 + (j % 4) / 4) for j in range(TOKEN_BUCKETS - 2)]
+    return np.array([0.0, *inner, 2.0 ** (TOKEN_MIN_EXP + (TOKEN_BUCKETS - 2) // 4), np.inf])
+
+
 @numba.njit(cache=True)
 def _key_update(x, absmax, tokens, token_absmax):
     """`InputStats.update`'s per-key statistics of fp32 rows ``x`` (R, C), fused: the same results as the
@@ -213,6 +220,13 @@ class CalibStats:
         b = None if bin is None else self._bin(bin)
         br = None if branch is None else self._branch(branch)
         return histogram.percentile(obs.tail(b, br), p)
+
+    def activation_range(self, expert: str, layer: str, percentile: float, max_ratio: float | None = None) -> Tensor:
+        """``a_i`` of ``layer``'s input: the max for p = 100, else the p-th percentile guarded by ``max_ratio``
+        (`methods.smoothing.guarded_range`)."""
+        a_max = self.absmax(expert, layer)
+        a_p = None if percentile == 100.0 else self.percentile(expert, layer, percentile)
+        return guarded_range(a_max, a_p, max_ratio)
 
     def tokens(self, expert: str, layer: str) -> int:
         return int(self.input_of(expert, layer).tokens.sum())

@@ -20,25 +20,29 @@ run leaves no truncated file, and a rerun skips the prompts already done.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import imageio_ffmpeg
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import save_file
 
 from vidquant import __version__
 from vidquant.atomic import atomic_path
-from vidquant.eval.probes import PeakMemory, StepTimer, peak_memory
+from vidquant.eval.probes import PeakMemory, StepTimer, peak_memory, weight_bytes
 from vidquant.eval.protocol import Protocol
+from vidquant.models import adapter_for
 from vidquant.outputs import LOCK_FILE, check_output
+from vidquant.progress import progress_bar
 from vidquant.safeio import TensorSpec, read_safetensors
+from vidquant.state import apply
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +94,7 @@ def generate_videos(
     on_step: Callable[[], None] | None = None,
     source: str | None = None,
     replace_stale: bool = False,
+    model_info: dict | None = None,
 ) -> list[VideoRecord]:
     """Generate (or resume) one video per prompt under ``protocol``; return their records in prompt order.
 
@@ -97,8 +102,10 @@ def generate_videos(
     belongs to one protocol, one prompt list and one ``source`` (a fingerprint of the model and state
     that make the videos): another protocol, another prompt at an index already done, or another source
     raises a ValueError naming the directory. With ``replace_stale`` a folder of ours made from another
-    source is emptied of its videos first (the main job's own folders), never anything else.
+    source is emptied of its videos first (the main job's own folders), never anything else. ``model_info``
+    (what made the videos: weight bytes, recipe) is recorded in ``protocol.json`` for `evaluate`.
     """
+    adapter_for(pipe).check_protocol(protocol)
     out = check_output(out_dir, VIDEO_OWNED, "video folder")
     out.mkdir(parents=True, exist_ok=True)
     records = load_records(out)
@@ -108,7 +115,7 @@ def generate_videos(
             if entry.is_file() and entry.name != LOCK_FILE:
                 entry.unlink()
         records = []
-    _claim(out, protocol, records, source)
+    _claim(out, protocol, records, source, model_info)
     done = {r.index: r for r in records}
     for index, prompt in enumerate(prompts):
         old = done.get(index)
@@ -124,10 +131,7 @@ def generate_videos(
     logger.info("%s: %d of %d videos to generate", out, len(todo), len(prompts))
 
     pipe.set_progress_bar_config(disable=True)
-    bar = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), disable=not progress
-    )
-    with bar:
+    with progress_bar(progress) as bar:
         video_task = bar.add_task("videos", total=len(prompts), completed=len(prompts) - len(todo))
         step_task = bar.add_task("steps", total=protocol.steps)
 
@@ -326,7 +330,8 @@ def _stored_source(out: Path) -> str | None:
     return json.loads(file.read_text()).get("source") if file.is_file() else None
 
 
-def _claim(out: Path, protocol: Protocol, records: list[VideoRecord], source: str | None) -> None:
+def _claim(out: Path, protocol: Protocol, records: list[VideoRecord], source: str | None,
+           model_info: dict | None) -> None:
     """Record the directory's protocol and source, or refuse one made under another protocol or source."""
     fingerprint = protocol.fingerprint()
     file = out / PROTOCOL_FILE
@@ -342,7 +347,21 @@ def _claim(out: Path, protocol: Protocol, records: list[VideoRecord], source: st
                          f"{str(source)[:12]}); use another directory or delete it")
     if not file.is_file():
         _write_json(file, {"fingerprint": fingerprint, "protocol": protocol.model_dump(mode="json"),
-                           "source": source})
+                           "source": source, "model": model_info or {}})
+
+
+def folder_info(out: str | Path) -> dict:
+    """What ``protocol.json`` of a video folder says made its videos (``model``: weight bytes, ...; may be empty)."""
+    file = Path(out) / PROTOCOL_FILE
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: unreadable ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: not a JSON object")
+    return data
 
 
 def _paths(out: Path, name: str, index: int) -> dict[str, Path]:
@@ -365,3 +384,33 @@ def _record(sidecar: dict, paths: dict[str, Path]) -> VideoRecord:
 def _write_json(path: Path, data: dict) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def generate(
+    model: Any,
+    prompts: list[str],
+    protocol: Protocol,
+    out: str | Path,
+    *,
+    state: Any = None,
+    model_fingerprint: str | None = None,
+    progress: bool = True,
+    replace_stale: bool = False,
+) -> list[VideoRecord]:
+    """The `generate` stage: videos of ``model`` (with ``state`` applied to it first, when given) in ``out``.
+
+    The folder records its source (the base fingerprint, and the state's) and the weight bytes of what made
+    the videos, so `evaluate` can compare two folders alone. ``model_fingerprint`` saves hashing the base
+    weights again when the caller knows it (the statistics record it).
+    """
+    adapter = adapter_for(model)
+    adapter.check_protocol(protocol)
+    source = model_fingerprint or adapter.fingerprint()
+    info: dict[str, Any] = {"family": adapter.family, "bf16_weight_bytes": weight_bytes(model).bf16}
+    if state is not None:
+        apply(model, state)
+        source = hashlib.sha256(f"{source}\n{state.fingerprint()}".encode()).hexdigest()
+        info["recipe"] = state.recipe.get("name")
+    info["weight_bytes"] = weight_bytes(model).stored
+    return generate_videos(model, prompts, protocol, out, progress=progress, source=source,
+                           replace_stale=replace_stale, model_info=info)

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
 from vidquant import formats
-from vidquant.models import wan
-from vidquant.nn import QuantLinear
+from vidquant.models import adapter_for
+from vidquant.nn import Part, QuantLinear
 
 logger = logging.getLogger(__name__)
 
@@ -134,24 +133,24 @@ class WeightBytes(NamedTuple):
     stored: int
 
 
-def weight_bytes(pipe) -> WeightBytes:
+def weight_bytes(model) -> WeightBytes:
     """Bytes of every expert's weights: at BF16 (2 per parameter) and as stored.
 
     Stored: a `QuantLinear` weight counts its packed size in its format (`packed_nbytes`, scales
-    included; BF16 when it has no weight format) plus its bias, mask, clip and low-rank buffers; every
+    included; BF16 when it has no weight format) plus its bias and its parts' tensors; every
     other parameter counts at BF16 too, the deployment dtype, so that a pipeline run in fp32 (on a CPU)
     is not compared at 4 bytes per value against a 2-byte reference. The BF16 figure is the same before
     and after quantization, since a `QuantLinear` keeps a weight parameter of the original shape.
     """
     bf16 = stored = 0
-    for model in wan.experts(pipe).values():
-        bf16 += 2 * sum(p.numel() for p in model.parameters())
+    for expert in adapter_for(model).experts().values():
+        bf16 += 2 * sum(p.numel() for p in expert.parameters())
         seen: set[int] = set()
-        for module in model.modules():
+        for module in expert.modules():
             if isinstance(module, QuantLinear):
                 stored += _quant_linear_bytes(module)
-                seen.update(id(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
-        stored += sum(2 * p.numel() for p in model.parameters() if id(p) not in seen)
+                seen.update(id(t) for t in (*module.parameters(), *module.buffers()))
+        stored += sum(2 * p.numel() for p in expert.parameters() if id(p) not in seen)
     return WeightBytes(bf16, stored)
 
 
@@ -160,11 +159,5 @@ def _quant_linear_bytes(module: QuantLinear) -> int:
         weight = 2 * module.weight.numel()
     else:
         weight = formats.get(module.weight_format).packed_nbytes(module.out_features, module.in_features)
-    bf16_extras = [module.bias, module.lowrank_down, module.lowrank_up]  # deployed in BF16
-    fp32_extras = [module.mask, module.act_clip]  # kept in fp32, as the state stores them
-    return (weight + sum(2 * t.numel() for t in bf16_extras if t is not None)
-            + sum(_nbytes(t) for t in fp32_extras if t is not None))
-
-
-def _nbytes(tensor: nn.Parameter | torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+    bias = 0 if module.bias is None else 2 * module.bias.numel()  # deployed in BF16
+    return weight + bias + sum(part.deployed_nbytes() for part in module.modules() if isinstance(part, Part))

@@ -2,7 +2,8 @@
 
 One `Protocol` object drives both runs; its fingerprint is written next to every video, so videos made
 under different settings can never be compared by mistake. Defaults are the papers' protocol (720x1280,
-61 frames, 40 steps, CFG 3.5, seed 42, a white placeholder image for I2V).
+61 frames, 40 steps, CFG 3.5, seed 42, a white placeholder image for I2V). Which sizes a model can generate
+and how a protocol becomes pipeline-call arguments is the model adapter's (`check_protocol`, `call_kwargs`).
 """
 
 from __future__ import annotations
@@ -11,17 +12,11 @@ import hashlib
 from typing import Annotated
 
 import torch
-from diffusers import WanImageToVideoPipeline
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from ..models import wan
+from ..models import adapter_for
 
 Channel = Annotated[int, Field(ge=0, le=255)]
-
-# Wan's VAE compresses time by 4 (so 4k + 1 frames) and space by 8, and the transformer patches 2x2
-# latents: sizes off this grid are silently changed by the pipeline, which would break the protocol.
-TEMPORAL_STRIDE = 4
-SPATIAL_STRIDE = 16
 
 
 class Protocol(BaseModel):
@@ -29,37 +24,30 @@ class Protocol(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    height: int = Field(720, ge=SPATIAL_STRIDE)
-    width: int = Field(1280, ge=SPATIAL_STRIDE)
+    height: int = Field(720, ge=1)
+    width: int = Field(1280, ge=1)
     frames: int = Field(61, ge=1)
     steps: int = Field(40, ge=1)
-    cfg: float = 3.5
+    cfg: float = Field(3.5, ge=0.0, allow_inf_nan=False)
     seed: int = Field(42, ge=0)
     fps: int = Field(16, ge=1)
     image_color: tuple[Channel, Channel, Channel] = (255, 255, 255)  # the I2V placeholder image
     negative_prompt: str | None = None  # None: the pipeline's default
-
-    @model_validator(mode="after")
-    def _on_wan_grid(self) -> Protocol:
-        if self.frames % TEMPORAL_STRIDE != 1:
-            raise ValueError(f"frames must be {TEMPORAL_STRIDE}k + 1 for Wan's VAE (e.g. 61 or 81), got {self.frames}")
-        for side in ("height", "width"):
-            if getattr(self, side) % SPATIAL_STRIDE:
-                raise ValueError(f"{side} must be a multiple of {SPATIAL_STRIDE} for Wan, got {getattr(self, side)}")
-        return self
 
     def fingerprint(self) -> str:
         """sha256 of the protocol's JSON (fields in declaration order, so stable across runs)."""
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
 
     def seed_for(self, index: int) -> int:
+        """The seed of prompt ``index``: the one per-prompt seed rule (calibration, capture, generation)."""
         return self.seed + index
 
     def call_kwargs(self, pipe, prompt: str, seed: int) -> dict:
-        """The pipeline-call arguments for ``prompt`` under this protocol (calibration and generation alike)."""
-        kwargs = {}
-        if isinstance(pipe, WanImageToVideoPipeline):
-            kwargs["image"] = wan.placeholder_image(self.height, self.width, self.image_color)
+        """The pipeline-call arguments for ``prompt`` under this protocol (the model adapter's, see above)."""
+        return adapter_for(pipe).call_kwargs(self, prompt, seed)
+
+    def common_kwargs(self, prompt: str, seed: int) -> dict:
+        """The arguments diffusers video pipelines share; adapters add their own (an I2V image, ...)."""
         return {
             "prompt": prompt,
             "negative_prompt": self.negative_prompt,
@@ -69,5 +57,4 @@ class Protocol(BaseModel):
             "num_inference_steps": self.steps,
             "guidance_scale": self.cfg,
             "generator": torch.Generator("cpu").manual_seed(seed),
-            **kwargs,
         }

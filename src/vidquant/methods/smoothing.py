@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +28,6 @@ from torch import Tensor
 
 from .. import formats
 from ..formats import Format
-
-if TYPE_CHECKING:
-    from ..calib.stats import CalibStats
 
 logger = logging.getLogger(__name__)
 
@@ -75,22 +71,19 @@ def channel_mask(w: Tensor, a: Tensor, alpha: float, eps: float = DEFAULT_EPS) -
     return m.clamp(_FP32.tiny, _FP32.max).float()
 
 
-def activation_range(
-    stats: CalibStats, expert: str, layer: str, percentile: float, max_ratio: float | None = None
-) -> Tensor:
-    """``a_i`` per input channel: the calibration max (Eq. 5) for p = 100, else the p-th percentile (Eq. 6).
+def guarded_range(a_max: Tensor, a_p: Tensor | None = None, max_ratio: float | None = None) -> Tensor:
+    """``a_i`` per input channel: the calibration max (Eq. 5), or the p-th percentile ``a_p`` (Eq. 6) guarded.
 
     ``max_ratio`` guards the percentile against channels that are silent in more than (100 - p) % of
-    tokens: ``a_i = max(a_i^p, a_i^max / max_ratio)``, so no channel's range shrinks more than that
-    factor below its calibration max (None: the plain percentile).
+    tokens: ``a_i = max(a_i^p, a_i^max / max_ratio)``, so no channel's range shrinks more than that factor
+    below its calibration max (None: the plain percentile).
     """
     if max_ratio is not None and not max_ratio >= 1.0:
         raise ValueError(f"max_ratio must be >= 1, got {max_ratio}")
-    a_max = stats.absmax(expert, layer)
-    if percentile == 100.0:
+    if a_p is None:
         return a_max
-    a = stats.percentile(expert, layer, percentile).to(a_max.device)
-    return a if max_ratio is None else torch.maximum(a, a_max / max_ratio)
+    a_p = a_p.to(a_max.device)
+    return a_p if max_ratio is None else torch.maximum(a_p, a_max / max_ratio)
 
 
 def fold_weight(

@@ -1,30 +1,41 @@
-"""Model adapters: the only model-aware code (Wan pipelines, experts, layer roles, tiny builders)."""
+"""Model adapters: the only model-aware code. Outside this package, code asks `adapter_for(obj)`.
 
-from vidquant.models.tiny import build_medium_pipeline, build_tiny_pipeline
-from vidquant.models.wan import (
-    boundary_linears,
-    boundary_timestep,
-    config_fingerprint,
-    expert_for_timestep,
-    experts,
-    fingerprint,
-    input_groups,
-    load_pipeline,
-    placeholder_image,
-    target_linears,
+Registered families: Wan2.1 / Wan2.2 (`wan`), CogVideoX (`cogvideox`), LTX-Video (`ltx`), and the generic
+adapter for any ``nn.Module`` (`generic`, asked last). `load_model` loads a diffusers folder of any family,
+or builds one of the offline tiny models (`TINY_MODELS`) for tests and the demo.
+"""
+
+from vidquant.models import cogvideox, generic, ltx, wan  # noqa: F401 (registers the adapters)
+from vidquant.models.base import (
+    BRANCHES,
+    CallInfo,
+    ModelAdapter,
+    adapter_families,
+    adapter_for,
+    bin_edges,
+    qualify,
+    register_adapter,
+    register_fallback,
+    split_name,
+    timestep_bin,
 )
+from vidquant.models.builtin import TINY_MODELS, load_model, tiny_sizes
+from vidquant.models.loading import load_pipeline
 
 __all__ = [
-    "boundary_linears",
-    "boundary_timestep",
-    "build_medium_pipeline",
-    "build_tiny_pipeline",
-    "config_fingerprint",
-    "expert_for_timestep",
-    "experts",
-    "fingerprint",
-    "input_groups",
+    "BRANCHES",
+    "TINY_MODELS",
+    "CallInfo",
+    "ModelAdapter",
+    "adapter_families",
+    "adapter_for",
+    "bin_edges",
+    "load_model",
     "load_pipeline",
-    "placeholder_image",
-    "target_linears",
+    "qualify",
+    "register_adapter",
+    "register_fallback",
+    "split_name",
+    "timestep_bin",
+    "tiny_sizes",
 ]

@@ -1,15 +1,14 @@
-"""Wan2.1/Wan2.2 adapters: loading, experts, timestep routing, layer roles and fingerprints.
+"""Wan2.1 / Wan2.2 (T2V and I2V, one or two experts): the adapter and the Wan-specific helpers it uses.
 
-This is the only module that knows how diffusers lays out Wan; everything else works on the names and
-modules it returns.
+The only module that knows how diffusers lays out Wan: experts ``transformer`` (high noise) and
+``transformer_2`` (low noise) routed at ``boundary_ratio``, the 10 Linears of each of the ``blocks``
+as targets, the embedders / ``time_proj`` / ``proj_out`` as boundary Linears, one expert call per CFG
+branch (conditional first), and the I2V placeholder image.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +18,127 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from PIL import Image
 from torch import nn
 
-from vidquant.checksum import hash_tensor
+from vidquant.models.base import CallInfo, ModelAdapter, register_adapter
+from vidquant.models.loading import load_with
 
 logger = logging.getLogger(__name__)
 
 WanPipelineLike = WanPipeline | WanImageToVideoPipeline
-PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
-    "WanPipeline": WanPipeline,
-    "WanImageToVideoPipeline": WanImageToVideoPipeline,
-}
 EXPERT_NAMES = ("transformer", "transformer_2")
 TEXT_CONTEXT_LENGTH = 512  # Wan's text length; diffusers' Wan2.1-I2V attention processor hard-codes it
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Wan's VAE compresses time by 4 (so 4k + 1 frames) and space by 8, and the transformer patches 2x2
+# latents: sizes off this grid are silently changed by the pipeline, which would break the protocol.
+TEMPORAL_STRIDE = 4
+SPATIAL_STRIDE = 16
+
+
+@register_adapter
+class WanAdapter(ModelAdapter):
+    """A diffusers `WanPipeline` / `WanImageToVideoPipeline` (Wan2.1: one expert; Wan2.2 A14B: two)."""
+
+    family = "wan"
+    is_pipeline = True
+    pipeline_classes = {"WanPipeline": WanPipeline, "WanImageToVideoPipeline": WanImageToVideoPipeline}
+
+    @classmethod
+    def accepts(cls, obj: Any) -> bool:
+        return isinstance(obj, WanPipeline | WanImageToVideoPipeline)
+
+    @classmethod
+    def check_kind(cls, where: str, class_name: str, i2v: bool | None) -> None:
+        is_i2v = class_name == "WanImageToVideoPipeline"
+        if i2v is not None and i2v != is_i2v:
+            kind = "image-to-video" if is_i2v else "text-to-video"
+            raise ValueError(f"{where}: holds a {kind} {class_name}, but i2v={i2v} was asked for")
+
+    def experts(self) -> dict[str, nn.Module]:
+        return experts(self.obj)
+
+    def target_linears(self, expert: str) -> dict[str, nn.Linear]:
+        return target_linears(self.experts()[expert])
+
+    def boundary_linears(self, expert: str) -> dict[str, nn.Linear]:
+        return boundary_linears(self.experts()[expert])
+
+    def blocks(self, expert: str) -> list[str]:
+        return [f"blocks.{i}" for i in range(len(self.experts()[expert].blocks))]
+
+    def input_groups(self, expert: str) -> list[list[str]]:
+        return input_groups(self.experts()[expert])
+
+    def timestep_range(self, expert: str) -> tuple[float, float]:
+        boundary = boundary_timestep(self.obj)
+        top = float(self.obj.scheduler.config.num_train_timesteps)
+        if boundary is None:
+            return 0.0, top
+        return (boundary, top) if expert == "transformer" else (0.0, boundary)
+
+    def call_info(self, expert: str, args: tuple, kwargs: dict, previous: CallInfo | None) -> CallInfo:
+        """Wan calls an expert once per CFG branch at each timestep, conditional first (one call without CFG).
+
+        The n-th consecutive call at one timestep is branch n mod 2 with guidance on, so two prompts whose
+        schedules start at the same timestep (or one-step runs) still alternate correctly.
+        """
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if timestep is None:
+            raise ValueError("a Wan expert was called without a timestep")
+        t = float(torch.as_tensor(timestep).flatten()[0])  # Wan2.2 TI2V passes one per token
+        repeat = previous.repeat + 1 if previous is not None and previous.timestep == t else 0
+        guided = getattr(self.obj, "do_classifier_free_guidance", True)
+        return CallInfo(t, repeat % 2 if guided else 0, repeat)
+
+    def config(self) -> dict[str, Any]:
+        """Pipeline class, routing boundary and expert configs (volatile ``_`` keys left out)."""
+        return {
+            "pipeline": type(self.obj).__name__,
+            "boundary_ratio": self.obj.config.get("boundary_ratio"),
+            "experts": {
+                name: {k: v for k, v in model.config.items() if not k.startswith("_")}
+                for name, model in self.experts().items()
+            },
+        }
+
+    def check_protocol(self, protocol: Any) -> None:
+        if protocol.frames % TEMPORAL_STRIDE != 1:
+            raise ValueError(f"frames must be {TEMPORAL_STRIDE}k + 1 for Wan's VAE (e.g. 61 or 81), "
+                             f"got {protocol.frames}")
+        for side in ("height", "width"):
+            if getattr(protocol, side) % SPATIAL_STRIDE:
+                raise ValueError(f"{side} must be a multiple of {SPATIAL_STRIDE} for Wan, "
+                                 f"got {getattr(protocol, side)}")
+
+    def call_kwargs(self, protocol: Any, prompt: str, seed: int) -> dict[str, Any]:
+        kwargs = protocol.common_kwargs(prompt, seed)
+        if isinstance(self.obj, WanImageToVideoPipeline):
+            kwargs["image"] = placeholder_image(protocol.height, protocol.width, protocol.image_color)
+        return kwargs
+
+
+@register_adapter
+class WanTransformerAdapter(ModelAdapter):
+    """A bare `WanTransformer3DModel` (one expert, e.g. ``pipe.transformer`` with the user's forward loop)."""
+
+    family = "wan-transformer"
+
+    @classmethod
+    def accepts(cls, obj: Any) -> bool:
+        return isinstance(obj, WanTransformer3DModel)
+
+    def experts(self) -> dict[str, nn.Module]:
+        return {"transformer": self.obj}
+
+    def target_linears(self, expert: str) -> dict[str, nn.Linear]:
+        return target_linears(self.obj)
+
+    def boundary_linears(self, expert: str) -> dict[str, nn.Linear]:
+        return boundary_linears(self.obj)
+
+    def blocks(self, expert: str) -> list[str]:
+        return [f"blocks.{i}" for i in range(len(self.obj.blocks))]
+
+    def input_groups(self, expert: str) -> list[list[str]]:
+        return input_groups(self.obj)
+
 
 def load_pipeline(
     model: str | Path,
@@ -41,63 +149,9 @@ def load_pipeline(
 ) -> WanPipelineLike:
     """Load a Wan T2V or I2V pipeline from a local diffusers folder (offline) or a hub id.
 
-    `dtype` defaults to bfloat16 on CUDA and float32 on CPU; the VAE stays float32, as diffusers recommends
-    for Wan, so it is the same in the reference and the quantized runs. `i2v`, when given, must match.
+    `i2v`, when given, must match what the folder holds (see `loading.load_with`).
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is None:
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    dtypes = {"default": dtype, "vae": torch.float32}
-    path = Path(model).expanduser()
-    if not path.exists() and _HUB_ID.match(str(model)):
-        pipe = DiffusionPipeline.from_pretrained(str(model), dtype=dtypes)
-        _check_kind(str(model), type(pipe).__name__, i2v)
-    else:
-        cls = PIPELINE_CLASSES[_check_kind(str(path), _saved_class_name(path), i2v)]
-        pipe = cls.from_pretrained(path, dtype=dtypes, local_files_only=True)
-        logger.info("loaded %s from %s (%s on %s)", cls.__name__, path, dtype, device)
-    pipe = pipe.to(device)
-    if torch.device(device).type == "cpu":
-        _copy_out_of_mmap(pipe)
-    return pipe
-
-
-def _copy_out_of_mmap(pipe: DiffusionPipeline) -> None:
-    """Give every CPU weight its own aligned memory.
-
-    Weights loaded on the CPU stay memory-mapped at their offset in the safetensors file; misaligned
-    tensors take other BLAS kernels, which round differently, so results would depend on the file layout
-    (seen here: 6e-7 differences between a model and its save/load round trip). A copy fixes that.
-    """
-    for component in pipe.components.values():
-        if isinstance(component, nn.Module):
-            for tensor in (*component.parameters(), *component.buffers()):
-                tensor.data = tensor.data.clone()
-
-
-def _saved_class_name(path: Path) -> str:
-    """The pipeline class recorded by `save_pretrained`, with an error that says what is missing."""
-    if not path.exists():
-        raise ValueError(f"{path}: no such directory")
-    if not path.is_dir():
-        raise ValueError(f"{path}: not a directory")
-    index_file = path / "model_index.json"
-    if not index_file.is_file():
-        raise ValueError(f"{path}: no model_index.json, so not a pipeline saved by diffusers")
-    try:
-        return str(json.loads(index_file.read_text())["_class_name"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{index_file}: unreadable or without `_class_name` ({err})") from err
-
-
-def _check_kind(where: str, class_name: str, i2v: bool | None) -> str:
-    if class_name not in PIPELINE_CLASSES:
-        raise ValueError(f"{where}: holds a {class_name}, not a Wan pipeline ({' or '.join(PIPELINE_CLASSES)})")
-    is_i2v = class_name == "WanImageToVideoPipeline"
-    if i2v is not None and i2v != is_i2v:
-        kind = "image-to-video" if is_i2v else "text-to-video"
-        raise ValueError(f"{where}: holds a {kind} {class_name}, but i2v={i2v} was asked for")
-    return class_name
+    return load_with([WanAdapter], model, i2v=i2v, dtype=dtype, device=device)
 
 
 def empty_expert(
@@ -144,63 +198,6 @@ def expert_for_timestep(pipe: DiffusionPipeline, t: float | torch.Tensor) -> str
         return "transformer"
     t = t if isinstance(t, torch.Tensor) else torch.tensor(t)
     return "transformer" if bool(t >= boundary) else "transformer_2"
-
-
-def bin_edges(lo: float, hi: float, bins: int) -> list[float]:
-    """Edges of ``bins`` equal timestep bins over an expert's share [lo, hi] of the schedule."""
-    return [lo + (hi - lo) * i / bins for i in range(bins + 1)]
-
-
-def expert_bin_edges(pipe: DiffusionPipeline, bins: int) -> dict[str, list[float]]:
-    """Per expert, the edges of ``bins`` equal timestep bins over the share of the schedule it denoises."""
-    boundary = boundary_timestep(pipe)
-    top = float(pipe.scheduler.config.num_train_timesteps)
-    edges = {}
-    for name in experts(pipe):
-        lo, hi = (0.0, top) if boundary is None else ((boundary, top) if name == "transformer" else (0.0, boundary))
-        edges[name] = bin_edges(lo, hi, bins)
-    return edges
-
-
-def timestep_bin(t: float, edges: list[float]) -> int:
-    """Index of the bin of ``edges`` holding timestep ``t`` (the ends are closed)."""
-    for i in range(len(edges) - 2, -1, -1):
-        if t >= edges[i]:
-            return i
-    return 0
-
-
-def call_timestep(args: tuple, kwargs: dict) -> float:
-    """The timestep of an expert's forward call (its first element: Wan2.2 TI2V passes one per token)."""
-    timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-    if timestep is None:
-        raise ValueError("a Wan expert was called without a timestep")
-    return float(torch.as_tensor(timestep).flatten()[0])
-
-
-def publish_timestep_bins(pipe: DiffusionPipeline, edges: dict[str, list[float]]) -> None:
-    """Before every expert call, set ``timestep_bin`` on the expert's modules that have one (`QuantLinear`).
-
-    Per-timestep-bin parameters (the SVDQuant-GPTQ recipe's activation clip ratios) follow the denoising
-    step this way. Calling it again replaces the hook instead of adding a second one.
-    """
-    for name, model in experts(pipe).items():
-        old = getattr(model, "_vidquant_timestep_hook", None)
-        if old is not None:
-            old.remove()
-            del model._vidquant_timestep_hook
-        if name not in edges:
-            continue
-        users = [m for m in model.modules() if hasattr(m, "timestep_bin")]
-        if not users:
-            continue
-
-        def hook(_module: nn.Module, args: tuple, kwargs: dict, users=users, expert_edges=edges[name]) -> None:
-            b = timestep_bin(call_timestep(args, kwargs), expert_edges)
-            for m in users:
-                m.timestep_bin = b
-
-        model._vidquant_timestep_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -265,29 +262,3 @@ def _meta_inputs(cfg: Any) -> dict[str, torch.Tensor]:
 def placeholder_image(height: int, width: int, color: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """The blank I2V conditioning image; calibration and generation must use the same one."""
     return Image.new("RGB", (width, height), color)
-
-
-def config_fingerprint(pipe: DiffusionPipeline) -> str:
-    """sha256 of what the weights do not say: pipeline class, routing boundary and the expert configs.
-
-    Volatile config keys (`_name_or_path`, versions) are left out, so a save/load round trip keeps it.
-    """
-    header = {
-        "pipeline": type(pipe).__name__,
-        "boundary_ratio": pipe.config.get("boundary_ratio"),
-        "experts": {
-            name: {k: v for k, v in model.config.items() if not k.startswith("_")}
-            for name, model in experts(pipe).items()
-        },
-    }
-    return hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def fingerprint(pipe: DiffusionPipeline) -> str:
-    """sha256 of `config_fingerprint` and every expert tensor (name, shape, dtype, bytes), one at a time."""
-    digest = hashlib.sha256(config_fingerprint(pipe).encode())
-    for name, model in experts(pipe).items():
-        for key, tensor in sorted(model.state_dict().items()):
-            digest.update(f"\n{name}.{key}".encode())
-            hash_tensor(digest, tensor)
-    return digest.hexdigest()

@@ -1,10 +1,11 @@
-"""`QuantLinear`: a Linear whose weight and input go through a numeric format (fake quantization).
+"""`QuantLinear`: a Linear whose weight and input go through a numeric format (fake quantization), made of parts.
 
-The paper's quantized linear (§III-B, §IV-B, Eq. 3/9): ``x W^T = (x diag(m)) (W diag(m)^-1)^T``. The mask
-is folded into the weight once, at construction, and the folded weight is quantized once too; a call
-only scales, clips and quantizes the activation. The arithmetic is `methods.smoothing.fold_weight` and
-`quantize_input`, the same functions every error measurement uses. Weights are quantized along
-in_features (the reduction dim, per output channel), activations along the features of each token.
+The paper's quantized linear (§III-B, §IV-B, Eq. 3/9): ``x W^T = (x diag(m)) (W diag(m)^-1)^T``, generalized
+to a chain of exact input transforms (`parts.InputTransform`). The transforms are folded into the weight
+once, at construction, and the folded weight is quantized once too; a call only transforms, clips and
+quantizes the activation (`parts.ActQuantizer`). The arithmetic is `methods.smoothing.fold_weight` and
+`quantize_input`, the same functions every error measurement uses. Weights are quantized along in_features
+(the reduction dim, per output channel), activations along the features of each token.
 """
 
 from __future__ import annotations
@@ -15,23 +16,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vidquant import formats
-from vidquant.formats import Format
-from vidquant.methods.smoothing import fold_weight, quantize_input
+from vidquant.methods.smoothing import fold_weight
+from vidquant.nn.parts import (
+    ActQuantizer,
+    ChannelMask,
+    InputTransform,
+    LowRankBranch,
+    PackedWeight,
+    StepContext,
+    check_tensors,
+    format_of,
+)
 
 logger = logging.getLogger(__name__)
 
 
 class QuantLinear(nn.Module):
-    """Fake-quantized replacement for an `nn.Linear`, optionally with a SmoothQuant mask and a low-rank branch.
+    """Fake-quantized replacement for an `nn.Linear`: input transforms, a weight, a low-rank branch, an activation
+    quantizer.
 
-    ``forward(x) = F.linear(Q_a(clip(x·m)), Q_w(W/m - up·down), b) + ((x·m) down^T) up^T``: with formats
+    ``forward(x) = F.linear(Q_a(clip(T(x))), Q_w(fold(W) - up·down), b) + (T(x) down^T) up^T``: with formats
     ``None`` it computes the original Linear for any mask and low-rank factors (up to rounding), so the
     factors of SVDQuant's ``W/m = up·down + R`` are given as such and only the residual R is quantized.
-    ``act_clip`` is a ratio of each token's max |x·m| (a 1-D tensor: one ratio per timestep bin, picked
-    by `timestep_bin`, which the pipeline adapter sets before each call). ``quantized_weight`` is a residual
-    already on the weight format's grid (GPTQ's rounding, restored from a state): it is used as is, since
-    quantizing it again would move it (HiF4's rounding is not idempotent).
+    ``act_clip`` is a ratio of each token's max |T(x)| (a 1-D tensor: one ratio per timestep bin, picked by
+    `timestep_bin`, which the model adapter publishes before each expert call). ``quantized_weight`` is a
+    residual already on the weight format's grid (GPTQ's rounding, restored from a state): used as is.
     """
 
     def __init__(
@@ -44,6 +53,8 @@ class QuantLinear(nn.Module):
         act_clip: Tensor | float | None = None,
         lowrank: tuple[Tensor, Tensor] | None = None,
         quantized_weight: Tensor | None = None,
+        transforms: list[InputTransform] | None = None,
+        context: StepContext | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(linear, nn.Linear):
@@ -51,35 +62,86 @@ class QuantLinear(nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.weight_format = weight_format
-        self.act_format = act_format
-        self._act_fmt = _format(act_format, "act_format")
-        self.timestep_bin = 0
         weight = linear.weight.detach()
         device = weight.device
-        self.register_buffer("mask", None if mask is None else _check_mask(mask, self.in_features, device))
-        self.register_buffer("act_clip", None if act_clip is None else _check_clip(act_clip, device))
-        down, up = (None, None) if lowrank is None else _check_lowrank(lowrank, self.in_features, self.out_features)
-        # contiguous: a transposed view would take other BLAS kernels than the saved-and-loaded state's copy
-        self.register_buffer("lowrank_down", None if down is None else down.to(device, weight.dtype).contiguous())
-        self.register_buffer("lowrank_up", None if up is None else up.to(device, weight.dtype).contiguous())
+        chain = [] if mask is None else [ChannelMask(_as_tensor(mask, "mask"), device)]
+        for t in chain:
+            t.check(t.state_tensors(), self.out_features, self.in_features, weight_format)
+        self.transforms = nn.ModuleList([*chain, *(transforms or [])])
+        self.act = ActQuantizer(act_format, act_clip, device, context)
+        self.lowrank = None
+        if lowrank is not None:
+            down, up = _pair(lowrank)
+            LowRankBranch.check({"lowrank_down": down, "lowrank_up": up}, self.out_features, self.in_features, None)
+            self.lowrank = LowRankBranch(down, up, device, weight.dtype)
+        wfmt = format_of(weight_format, "weight_format")
         if quantized_weight is not None:
             weight = _check_quantized(quantized_weight, weight, weight_format)
-        elif self.mask is not None or down is not None or weight_format is not None:
-            lowrank_factors = None if down is None else (self.lowrank_down, self.lowrank_up)
-            weight = fold_weight(weight, self.mask, _format(weight_format, "weight_format"), lowrank_factors)
+        elif len(self.transforms) or self.lowrank is not None or wfmt is not None:
+            folded = weight.to(torch.promote_types(weight.dtype, torch.float32))
+            for t in self.transforms:
+                folded = t.fold(folded)
+            factors = None if self.lowrank is None else self.lowrank.factors()
+            weight = fold_weight(folded, None, wfmt, factors).to(weight.dtype)
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = linear.bias
 
+    @classmethod
+    def from_state(cls, linear: nn.Linear, weight_format: str | None, act_format: str | None,
+                   tensors: dict[str, Tensor], *, context: StepContext | None = None,
+                   name: str = "layer") -> QuantLinear:
+        """The layer a state's named tensors make of the base Linear (each validated by its owning part)."""
+        check_tensors(tensors, linear.out_features, linear.in_features, weight_format, name)
+        device = linear.weight.device
+        to = {k: v.to(device) for k, v in tensors.items()}
+        quantized = None
+        if "weight_packed" in to:
+            quantized = PackedWeight.decode(to["weight_packed"], weight_format, tuple(linear.weight.shape),
+                                            linear.weight.dtype)
+        lowrank = (to["lowrank_down"], to["lowrank_up"]) if "lowrank_down" in to else None
+        return cls(linear, weight_format, act_format, mask=to.get("mask"), act_clip=to.get("act_clip"),
+                   lowrank=lowrank, quantized_weight=quantized, context=context)
+
+    # read-only views of the parts' tensors, for inspection and size accounting
+    @property
+    def act_format(self) -> str | None:
+        return self.act.format_name
+
+    @property
+    def mask(self) -> Tensor | None:
+        masks = [t.mask for t in self.transforms if isinstance(t, ChannelMask)]
+        return masks[0] if masks else None
+
+    @property
+    def act_clip(self) -> Tensor | None:
+        return self.act.act_clip
+
+    @property
+    def lowrank_down(self) -> Tensor | None:
+        return None if self.lowrank is None else self.lowrank.lowrank_down
+
+    @property
+    def lowrank_up(self) -> Tensor | None:
+        return None if self.lowrank is None else self.lowrank.lowrank_up
+
+    @property
+    def timestep_bin(self) -> int:
+        return self.act.context.timestep_bin
+
+    @timestep_bin.setter
+    def timestep_bin(self, value: int) -> None:
+        self.act.context.timestep_bin = value
+
     def forward(self, x: Tensor) -> Tensor:
-        clip = self.act_clip
-        if clip is not None and clip.dim() == 1:
-            if not 0 <= self.timestep_bin < clip.numel():
-                raise ValueError(f"timestep_bin {self.timestep_bin} is out of range for {clip.numel()} act_clip bins")
-            clip = clip[self.timestep_bin]
-        y = F.linear(quantize_input(x, self.mask, self._act_fmt, clip), self.weight, self.bias)
-        if self.lowrank_down is not None:  # the branch sees the smoothed, unclipped, unquantized input
-            xm = x if self.mask is None else x * self.mask.to(x.dtype)
-            y = y + (xm @ self.lowrank_down.to(x.dtype).T) @ self.lowrank_up.to(x.dtype).T
+        v = x.to(torch.promote_types(x.dtype, torch.float32))
+        for t in self.transforms:
+            v = t(v)
+        y = F.linear(self.act(v).to(x.dtype), self.weight, self.bias)
+        if self.lowrank is not None:  # the branch sees the transformed, unclipped, unquantized input
+            xm = x
+            for t in self.transforms:
+                xm = t.in_dtype(xm)
+            y = y + self.lowrank(xm)
         return y
 
     def extra_repr(self) -> str:
@@ -94,8 +156,8 @@ class QuantLinear(nn.Module):
         if self.act_clip is not None:
             values = [round(v, 4) for v in self.act_clip.reshape(-1).tolist()]
             parts.append(f"act_clip={values[0] if self.act_clip.dim() == 0 else values}")
-        if self.lowrank_down is not None:
-            parts.append(f"rank={self.lowrank_down.shape[0]}")
+        if self.lowrank is not None:
+            parts.append(f"rank={self.lowrank.rank}")
         return ", ".join(parts)
 
 
@@ -114,43 +176,17 @@ def swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def _format(name: str | None, what: str) -> Format | None:
-    if name is None:
-        return None
-    try:
-        return formats.get(name)
-    except ValueError as err:
-        raise ValueError(f"{what}: {err}") from None
+def _as_tensor(value: Tensor, what: str) -> Tensor:
+    if not isinstance(value, Tensor) or not value.is_floating_point():
+        got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{what} must be a floating-point tensor, got {got}")
+    return value
 
 
-def _check_mask(mask: Tensor, in_features: int, device: torch.device) -> Tensor:
-    if not isinstance(mask, Tensor) or not mask.is_floating_point():
-        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(f"mask must be a floating-point tensor, got {got}")
-    if mask.shape != (in_features,):
-        raise ValueError(
-            f"mask must have shape ({in_features},) (one value per input channel), got {tuple(mask.shape)}"
-        )
-    mask = mask.detach().to(device, torch.float32)
-    if not torch.isfinite(mask).all():
-        raise ValueError("mask has non-finite values (NaN or Inf)")
-    if not (mask > 0).all():
-        raise ValueError(f"mask values must be positive, found {int((mask <= 0).sum())} that are not")
-    return mask
-
-
-def _check_clip(act_clip: Tensor | float, device: torch.device) -> Tensor:
-    clip = torch.as_tensor(act_clip).detach()
-    if clip.dtype == torch.bool or clip.is_complex():
-        raise ValueError(f"act_clip must be a float or a 1-D float tensor of per-bin ratios, got {clip.dtype}")
-    if clip.dim() > 1 or clip.numel() == 0:
-        raise ValueError(
-            f"act_clip must be a float or a non-empty 1-D tensor of per-bin ratios, got shape {tuple(clip.shape)}"
-        )
-    clip = clip.to(device, torch.float32)
-    if not ((clip > 0) & (clip <= 1)).all():  # also rejects NaN
-        raise ValueError(f"act_clip ratios must be in (0, 1], got {clip.tolist()}")
-    return clip
+def _pair(lowrank: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    if not (isinstance(lowrank, tuple | list) and len(lowrank) == 2 and all(isinstance(t, Tensor) for t in lowrank)):
+        raise ValueError("lowrank must be a pair of tensors (down (rank, in_features), up (out_features, rank))")
+    return lowrank[0].detach(), lowrank[1].detach()
 
 
 def _check_quantized(quantized: Tensor, weight: Tensor, weight_format: str | None) -> Tensor:
@@ -160,17 +196,3 @@ def _check_quantized(quantized: Tensor, weight: Tensor, weight_format: str | Non
         got = tuple(quantized.shape) if isinstance(quantized, Tensor) else type(quantized).__name__
         raise ValueError(f"quantized_weight must have the weight's shape {tuple(weight.shape)}, got {got}")
     return quantized.detach().to(weight.device, weight.dtype)
-
-
-def _check_lowrank(lowrank: tuple[Tensor, Tensor], in_features: int, out_features: int) -> tuple[Tensor, Tensor]:
-    if not (isinstance(lowrank, tuple | list) and len(lowrank) == 2 and all(isinstance(t, Tensor) for t in lowrank)):
-        raise ValueError("lowrank must be a pair of tensors (down (rank, in_features), up (out_features, rank))")
-    down, up = (t.detach() for t in lowrank)
-    if not (down.is_floating_point() and up.is_floating_point()):
-        raise ValueError(f"lowrank factors must be floating point, got {down.dtype} and {up.dtype}")
-    rank = down.shape[0] if down.dim() == 2 else -1
-    if down.dim() != 2 or down.shape[1] != in_features or rank < 1:
-        raise ValueError(f"lowrank down must have shape (rank, {in_features}), got {tuple(down.shape)}")
-    if up.shape != (out_features, rank):
-        raise ValueError(f"lowrank up must have shape ({out_features}, {rank}) to match down, got {tuple(up.shape)}")
-    return down, up

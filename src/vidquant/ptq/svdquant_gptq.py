@@ -23,91 +23,165 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from .. import formats
-from ..calib.calibrate import CalibSettings
 from ..calib.layer_inputs import collect_layer_inputs, hessian_nbytes
 from ..checksum import tensor_sha256
 from ..methods.clip import clip_search
 from ..methods.gptq import gptq
+from ..methods.lowrank import DEFAULT_ITERS as DEFAULT_LOWRANK_ITERS
 from ..methods.lowrank import refine_lowrank
 from ..methods.smoothing import residual_weight, sqnr_db
-from ..models import wan
-from ..nn import swap
+from ..models import ModelAdapter, qualify, split_name
+from ..nn import StepContext, swap
 from ..outputs import check_output
+from ..progress import progress_bar
 from ..recipes import Recipe
 from ..state import STATE_FILES, LayerState, PTQState, load_state, quant_linear
+from .registry import Method, QuantizeRun, register_method
 
 logger = logging.getLogger(__name__)
 
 Groups = dict[str, list[list[str]]]  # per expert, groups of target Linears that read one input
+MAX_BINS = 64  # timestep bins per expert: each keeps max_tokens sample rows per layer input
+MAX_SAMPLE_TOKENS = 65536
 
 
-def quantize_layers(
-    pipe,
-    recipe: Recipe,
-    masks: dict[str, Tensor | None],
-    settings: CalibSettings,
-    prompts: list[str],
-    header: dict,
-    *,
-    progress: bool = False,
-    checkpoint: str | Path | None = None,
-    hessian_budget_bytes: int = 16 * 2**30,
-) -> tuple[dict[str, LayerState], dict[str, list[float]]]:
-    """`LayerState` of every layer in ``masks`` ("expert.layer" -> its mask), and the timestep-bin edges."""
-    experts = wan.experts(pipe)
-    edges = wan.expert_bin_edges(pipe, recipe.clip_search.bins)
-    layers = _resume(checkpoint, header, edges, masks)
+class LowRank(BaseModel):
+    """SVDQuant's low-rank branch: ``W/m ≈ up · down`` of rank r kept in BF16, the residual quantized.
+
+    The rank is capped at ``max_fraction · min(N, K)`` so that on a narrow layer the branch stays a small
+    correction instead of a full-precision copy of the weight (at Wan's 5120 the cap is 640, far above 32).
+    ``iters``: refinement rounds (re-SVD of what rounding leaves, keep the best; 0: the plain SVD branch).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    rank: int = Field(32, ge=0, le=4096)  # 0: no branch
+    max_fraction: float = Field(0.125, gt=0.0, le=1.0)
+    iters: int = Field(DEFAULT_LOWRANK_ITERS, ge=0, le=100)  # methods.lowrank's default
+
+    def rank_for(self, out_features: int, in_features: int) -> int:
+        """The rank used for an ``(out_features, in_features)`` weight."""
+        return min(self.rank, int(self.max_fraction * min(out_features, in_features)))
+
+
+class GPTQ(BaseModel):
+    """GPTQ on the residual (Frantar et al.): damping relative to mean(diag H), lazy block size, act order."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = True
+    block_size: int = Field(128, ge=1, le=8192)
+    damp: float = Field(0.01, gt=0.0)
+    act_order: bool = False
+
+
+class ClipSearch(BaseModel):
+    """Per layer, expert and timestep bin, the activation clip ratio of ``grid`` with the least output MSE.
+
+    ``bins`` equal timestep bins over each expert's share of the schedule; ``max_tokens`` calibration rows
+    are kept per bin and layer input to score the grid.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = True
+    bins: int = Field(4, ge=1, le=MAX_BINS)
+    grid: list[float] = Field([0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0], max_length=256)
+    max_tokens: int = Field(256, ge=1, le=MAX_SAMPLE_TOKENS)
+
+    @field_validator("grid")
+    @classmethod
+    def _ratios(cls, grid: list[float]) -> list[float]:
+        if not grid or not all(0.0 < c <= 1.0 for c in grid):
+            raise ValueError("clip ratios must be in (0, 1]")
+        if 1.0 not in grid:
+            raise ValueError("the grid must hold 1.0 (no clipping), so the search can never do worse than none")
+        return sorted(set(grid))
+
+
+class Options(BaseModel):
+    """The recipe section ``svdquant-gptq:``."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    lowrank: LowRank = LowRank()
+    gptq: GPTQ = GPTQ()
+    clip_search: ClipSearch = ClipSearch()
+    sequential_experts: bool = False  # calibrate transformer_2 on inputs made with transformer quantized
+
+
+@register_method("svdquant-gptq")
+class SVDQuantGPTQ(Method):
+    """Timestep-aware SVDQuant-GPTQ: low-rank branch, GPTQ residual, per-timestep-bin clip ratios."""
+
+    Options = Options
+    needs_layer_inputs = True
+
+    def check(self, recipe: Recipe) -> None:
+        if recipe.act_clip is not None and recipe.options.clip_search.enabled:
+            raise ValueError("act_clip: a fixed clip ratio and clip_search exclude each other (disable clip_search)")
+
+    def quantize(self, run: QuantizeRun) -> tuple[dict[str, LayerState], dict[str, list[float]]]:
+        return quantize_layers(run)
+
+
+def quantize_layers(run: QuantizeRun) -> tuple[dict[str, LayerState], dict[str, list[float]]]:
+    """`LayerState` of every layer of ``run.masks`` ("expert.layer" -> its mask), and the timestep-bin edges."""
+    recipe, adapter, masks, options = run.recipe, run.adapter, run.masks, run.recipe.options
+    experts = adapter.experts()
+    edges = adapter.bin_edges(options.clip_search.bins)
+    layers = _resume(run.checkpoint, run.header, edges, masks)
     todo = {
-        expert: [g for group in wan.input_groups(model)
-                 if (g := [n for n in group if f"{expert}.{n}" in masks and f"{expert}.{n}" not in layers])]
-        for expert, model in experts.items()
+        expert: [g for group in adapter.input_groups(expert)
+                 if (g := [n for n in group if qualify(expert, n) in masks and qualify(expert, n) not in layers])]
+        for expert in experts
     }
-    passes = [[e] for e in experts] if recipe.sequential_experts else [list(experts)]
+    passes = [[e] for e in experts] if options.sequential_experts else [list(experts)]
     originals: list[tuple[nn.Module, str, nn.Module]] = []
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   disable=not progress)
-    task = bar.add_task("svdquant-gptq layers", total=len(masks), completed=len(layers))
-    prompt_task = bar.add_task("calibration pass: prompts", total=settings.num_prompts)
+    contexts = {expert: StepContext() for expert in experts}
+    units = run.settings.num_prompts if isinstance(run.data, list) else None
     try:
-        bar.start()
-        for pass_experts in passes:
-            for chunk in _chunks({e: todo[e] for e in pass_experts}, experts, hessian_budget_bytes):
-                bar.reset(prompt_task)
-                records = collect_layer_inputs(pipe, prompts, settings, chunk, edges, recipe.clip_search.max_tokens,
-                                               on_prompt=lambda: bar.advance(prompt_task))
-                for expert, recs in records.items():
-                    linears = wan.target_linears(experts[expert])
-                    for first in list(recs):
-                        rec = recs.pop(first)  # freed once its layers are done
-                        hessian, samples = rec.mean_hessian(), rec.bin_samples()
-                        for layer in rec.layers:
-                            name = f"{expert}.{layer}"
-                            layers[name] = quantize_layer(linears[layer], recipe, masks[name], hessian, samples, name)
-                            bar.advance(task)
-                        del rec, hessian, samples
-                if checkpoint is not None:
-                    PTQState(layers, **header, timestep_bins=edges).save(checkpoint)
-            if recipe.sequential_experts:  # the next expert is calibrated behind this one, quantized
-                for expert in pass_experts:
-                    model = experts[expert]
+        with progress_bar(run.progress) as bar:
+            task = bar.add_task("svdquant-gptq layers", total=len(masks), completed=len(layers))
+            prompt_task = bar.add_task("calibration pass", total=units)
+            for pass_experts in passes:
+                for chunk in _chunks({e: todo[e] for e in pass_experts}, adapter, run.hessian_budget_bytes):
+                    bar.reset(prompt_task)
+                    records = collect_layer_inputs(run.model, run.data, run.settings, chunk, edges,
+                                                   options.clip_search.max_tokens,
+                                                   on_prompt=lambda: bar.advance(prompt_task))
+                    for expert, recs in records.items():
+                        linears = adapter.target_linears(expert)
+                        for first in list(recs):
+                            rec = recs.pop(first)  # freed once its layers are done
+                            hessian, samples = rec.mean_hessian(), rec.bin_samples()
+                            for layer in rec.layers:
+                                name = qualify(expert, layer)
+                                layers[name] = quantize_layer(linears[layer], recipe, masks[name], hessian, samples,
+                                                              name)
+                                bar.advance(task)
+                            del rec, hessian, samples
+                    if run.checkpoint is not None:
+                        PTQState(layers, **run.header, timestep_bins=edges).save(run.checkpoint)
+                if options.sequential_experts:  # the next expert is calibrated behind this one, quantized
                     for name, state in layers.items():
-                        if name.startswith(f"{expert}."):
-                            module_name = name.split(".", 1)[1]
-                            new = quant_linear(model.get_submodule(module_name), state)
+                        expert, module_name = split_name(name)
+                        if expert in pass_experts:
+                            model = experts[expert]
+                            new = quant_linear(model.get_submodule(module_name), state, contexts[expert], name)
                             originals.append((model, module_name, swap(model, module_name, new)))
-                wan.publish_timestep_bins(pipe, edges)
+                    adapter.publish_bins(edges, lambda expert, b: setattr(contexts[expert], "timestep_bin", b))
     finally:
-        bar.stop()
         for model, module_name, module in reversed(originals):
             swap(model, module_name, module)
         if originals:
-            wan.publish_timestep_bins(pipe, {})
+            adapter.publish_bins({}, None)
     ordered = {name: layers[name] for name in masks}
-    return ordered, edges if recipe.clip_search.enabled else {}
+    return ordered, edges if options.clip_search.enabled else {}
 
 
 def quantize_layer(
@@ -119,45 +193,48 @@ def quantize_layer(
     name: str,
 ) -> LayerState:
     """One Linear: low-rank branch, GPTQ residual (packed), per-bin clip ratios; ``hessian`` of its raw inputs."""
+    options = recipe.options
     weight = linear.weight.detach()
     fmt = formats.get(recipe.weights)
     h = hessian.to(weight.device)
     if mask is not None:  # the Hessian of the smoothed inputs x·m
         h = h * mask[:, None] * mask[None, :]
     lowrank = None
-    rank = recipe.lowrank.rank_for(*weight.shape)
+    rank = options.lowrank.rank_for(*weight.shape)
     if rank > 0:
         branch = refine_lowrank(residual_weight(weight, mask), rank, fmt.quantize_dequantize, hessian=h,
-                                iters=recipe.lowrank.iters, dtype=weight.dtype)
+                                iters=options.lowrank.iters, dtype=weight.dtype)
         lowrank = (branch.down, branch.up)
         logger.debug("%s: rank-%d branch, relative error by iteration %s", name, rank,
                      [f"{e:.3g}" for e in branch.errors])
     residual = residual_weight(weight, mask, lowrank)
-    g = recipe.gptq
+    g = options.gptq
     if g.enabled:
         encoded = gptq(residual, h, fmt, block_size=g.block_size, damp=g.damp, act_order=g.act_order,
                        dtype=weight.dtype, name=name).encoded
     else:
         encoded = fmt.encode(residual)
     del h, residual
-    state = LayerState(recipe.weights, recipe.activations, tensor_sha256(weight), mask,
-                       lowrank_down=None if lowrank is None else lowrank[0],
-                       lowrank_up=None if lowrank is None else lowrank[1], weight_packed=fmt.pack(encoded))
-    if recipe.clip_search.enabled:
-        state.act_clip = _bin_clips(linear, state, samples, recipe.clip_search.grid, name)
+    tensors = {"mask": mask, "weight_packed": fmt.pack(encoded)}
+    if lowrank is not None:
+        tensors["lowrank_down"], tensors["lowrank_up"] = lowrank
+    state = LayerState(recipe.weights, recipe.activations, tensor_sha256(weight),
+                       {k: v for k, v in tensors.items() if v is not None})
+    if options.clip_search.enabled:
+        state.tensors["act_clip"] = _bin_clips(linear, state, samples, options.clip_search.grid, name)
     elif recipe.act_clip is not None:
-        state.act_clip = torch.tensor(recipe.act_clip, dtype=torch.float32)
+        state.tensors["act_clip"] = torch.tensor(recipe.act_clip, dtype=torch.float32)
     return state
 
 
 def _bin_clips(linear: nn.Linear, state: LayerState, samples: list[Tensor | None], grid: list[float],
                name: str) -> Tensor:
     """Per timestep bin, the clip ratio of ``grid`` with the least output MSE on that bin's inputs (1.0: none seen)."""
-    layer = quant_linear(linear, state)
+    layer = quant_linear(linear, state, name=name)
     weight = linear.weight.detach()
 
     def output(x: Tensor, ratio: float) -> Tensor:
-        layer.act_clip = torch.tensor(ratio, dtype=torch.float32, device=weight.device)
+        layer.act.act_clip = torch.tensor(ratio, dtype=torch.float32, device=weight.device)
         return layer(x)
 
     clips, gains = [], []
@@ -176,13 +253,13 @@ def _bin_clips(linear: nn.Linear, state: LayerState, samples: list[Tensor | None
     return torch.tensor(clips, dtype=torch.float32)
 
 
-def _chunks(groups: Groups, experts: dict[str, nn.Module], budget: int) -> list[Groups]:
+def _chunks(groups: Groups, adapter: ModelAdapter, budget: int) -> list[Groups]:
     """Split the input groups into passes whose fp32 Hessians fit in ``budget`` bytes (one group at least)."""
     chunks: list[Groups] = []
     current: Groups = {}
     used = 0
     for expert, expert_groups in groups.items():
-        linears = wan.target_linears(experts[expert])
+        linears = adapter.target_linears(expert)
         for group in expert_groups:
             size = hessian_nbytes(linears[group[0]].in_features)
             if size > budget:

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vidquant import formats
-from vidquant.methods.lowrank import DEFAULT_ITERS as DEFAULT_LOWRANK_ITERS
 from vidquant.methods.smoothing import DEFAULT_EPS
 from vidquant.patterns import compile_pattern
 from vidquant.safeyaml import load_yaml
@@ -52,63 +51,6 @@ class Smoothing(BaseModel):
     max_ratio: float | None = Field(DEFAULT_MAX_RATIO, ge=1.0)
 
 
-class LowRank(BaseModel):
-    """SVDQuant's low-rank branch: ``W/m ≈ up · down`` of rank r kept in BF16, the residual quantized.
-
-    The rank is capped at ``max_fraction · min(N, K)`` so that on a narrow layer the branch stays a small
-    correction instead of a full-precision copy of the weight (at Wan's 5120 the cap is 640, far above 32).
-    ``iters``: refinement rounds (re-SVD of what rounding leaves, keep the best; 0: the plain SVD branch).
-    """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    rank: int = Field(32, ge=0)  # 0: no branch
-    max_fraction: float = Field(0.125, gt=0.0, le=1.0)
-    iters: int = Field(DEFAULT_LOWRANK_ITERS, ge=0)  # methods.lowrank's default
-
-    def rank_for(self, out_features: int, in_features: int) -> int:
-        """The rank used for an ``(out_features, in_features)`` weight."""
-        return min(self.rank, int(self.max_fraction * min(out_features, in_features)))
-
-
-class GPTQ(BaseModel):
-    """GPTQ on the residual (Frantar et al.): damping relative to mean(diag H), lazy block size, act order."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    enabled: bool = True
-    block_size: int = Field(128, ge=1)
-    damp: float = Field(0.01, gt=0.0)
-    act_order: bool = False
-
-
-class ClipSearch(BaseModel):
-    """Per layer, expert and timestep bin, the activation clip ratio of ``grid`` with the least output MSE.
-
-    ``bins`` equal timestep bins over each expert's share of the schedule; ``max_tokens`` calibration rows
-    are kept per bin and layer input to score the grid.
-    """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    enabled: bool = True
-    bins: int = Field(4, ge=1)
-    grid: list[float] = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0]
-    max_tokens: int = Field(256, ge=1)
-
-    @field_validator("grid")
-    @classmethod
-    def _ratios(cls, grid: list[float]) -> list[float]:
-        if not grid or not all(0.0 < c <= 1.0 for c in grid):
-            raise ValueError("clip ratios must be in (0, 1]")
-        if 1.0 not in grid:
-            raise ValueError("the grid must hold 1.0 (no clipping), so the search can never do worse than none")
-        return sorted(set(grid))
-
-
-SVDQUANT_ONLY = ("lowrank", "gptq", "clip_search", "sequential_experts")
-
-
 class Recipe(BaseModel):
     """A quantization recipe; layer rules are patterns over qualified names ``"{expert}.{layer}"``.
 
@@ -122,7 +64,7 @@ class Recipe(BaseModel):
 
     name: str = Field(min_length=1)
     description: str = ""
-    method: Literal["smoothquant", "svdquant-gptq"] = "smoothquant"
+    method: str = "smoothquant"  # a registered method (`ptq.registry`); its options: the section of that name
     weights: str
     activations: str | None
     include: list[str] = ["*"]
@@ -131,19 +73,36 @@ class Recipe(BaseModel):
     max_protected_blocks: int | None = Field(None, ge=0)
     smoothing: Smoothing = Smoothing()
     act_clip: float | None = Field(None, gt=0.0, le=1.0)
-    # method svdquant-gptq (timestep-aware SVDQuant-GPTQ, arXiv 2605.27003) only:
-    lowrank: LowRank = LowRank()
-    gptq: GPTQ = GPTQ()
-    clip_search: ClipSearch = ClipSearch()
-    sequential_experts: bool = False  # calibrate transformer_2 on inputs made with transformer quantized
+    options: Any = None  # the method's validated section (its `Options` model); YAML key: the method's name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_section(cls, data: Any) -> Any:
+        """Take the section named after the method and validate it with the method's own schema."""
+        if not isinstance(data, dict):
+            return data
+        data = _migrate(dict(data))
+        method = data.get("method", "smoothquant")
+        if not isinstance(method, str):
+            raise ValueError(f"method: a method name is expected, got {method!r}")
+        options_cls = _method(method).Options
+        section = data.pop(method, None)
+        if "options" in data:
+            if section is not None:
+                raise ValueError(f"give the options of method '{method}' once (under '{method}')")
+            section = data.pop("options")
+        if isinstance(section, options_cls):
+            data["options"] = section
+            return data
+        try:
+            data["options"] = options_cls.model_validate(section or {})
+        except ValidationError as err:
+            raise ValueError("; ".join(_describe(e, method) for e in err.errors())) from None
+        return data
 
     @model_validator(mode="after")
-    def _method_keys(self) -> Recipe:
-        if self.method == "smoothquant":
-            if given := [k for k in SVDQUANT_ONLY if getattr(self, k) != type(self).model_fields[k].default]:
-                raise ValueError(f"{', '.join(given)}: only with method svdquant-gptq")
-        elif self.act_clip is not None and self.clip_search.enabled:
-            raise ValueError("act_clip: a fixed clip ratio and clip_search exclude each other (disable clip_search)")
+    def _method_rules(self) -> Recipe:
+        _method(self.method)().check(self)
         return self
 
     @field_validator("weights", "activations")
@@ -164,7 +123,10 @@ class Recipe(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (for manifests); ``Recipe.model_validate`` turns it back into the recipe."""
-        return self.model_dump(mode="json", exclude=set(SVDQUANT_ONLY) if self.method == "smoothquant" else None)
+        data = self.model_dump(mode="json", exclude={"options"})
+        if self.options is not None and type(self.options).model_fields:
+            data[self.method] = self.options.model_dump(mode="json")
+        return data
 
 
 def recipe_names() -> list[str]:
@@ -199,12 +161,43 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return recipe
 
 
-def _describe(error: Any) -> str:
+def _describe(error: Any, prefix: str = "") -> str:
     """One pydantic error as "key: what is wrong (got value)", with the key's dotted path."""
-    key = ".".join(str(part) for part in error["loc"])
+    key = ".".join(str(part) for part in ((prefix,) if prefix else ()) + tuple(error["loc"]))
     if error["type"] == "extra_forbidden":
         return f"unknown key '{key}'"
     if error["type"] == "missing":
         return f"missing key '{key}'"
     message = str(error["msg"]).removeprefix("Value error, ")
-    return f"{key}: {message} (got {error['input']!r})"
+    if not key:  # a model-level rule: the message names its keys
+        return message
+    return f"{key}: {message} (got {_short(error['input'])})"
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# Keys of the svdquant-gptq section that recipes and states of vidquant <= 0.1 (state format 2) kept at the top.
+_LEGACY_SECTIONS = {"svdquant-gptq": ("lowrank", "gptq", "clip_search", "sequential_experts")}
+
+
+def _migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Move a method's options written at the top level (the old layout) into its section."""
+    method = data.get("method", "smoothquant")
+    for owner, keys in _LEGACY_SECTIONS.items():
+        if found := [k for k in keys if k in data]:
+            if method != owner:
+                raise ValueError(f"{', '.join(found)}: only with method {owner}")
+            section = dict(data.get(owner) or {})
+            for key in found:
+                section.setdefault(key, data.pop(key))
+            data[owner] = section
+    return data
+
+
+def _method(name: str) -> Any:
+    from vidquant.ptq.registry import method_class  # the registry imports the methods, which import recipes
+
+    return method_class(name)

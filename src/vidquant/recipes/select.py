@@ -8,18 +8,14 @@ quanto's include/exclude do). Names are qualified by expert: ``"{expert}.{layer}
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from vidquant.models import wan
+from vidquant.models import adapter_for, qualify, split_name
 from vidquant.patterns import matches
 from vidquant.recipes.schema import Recipe
 
 logger = logging.getLogger(__name__)
-
-_BLOCK = re.compile(r"blocks\.(\d+)\.")  # target Linears are named "blocks.{i}.…" (wan.target_linears)
 
 
 @dataclass
@@ -43,7 +39,7 @@ class Plan:
         result = {expert: dict.fromkeys(groups, 0) for expert in [*self.experts, "total"]}
         for group, names in groups.items():
             for name in names:
-                result[name.split(".", 1)[0]][group] += 1
+                result[split_name(name)[0]][group] += 1
                 result["total"][group] += 1
         return result
 
@@ -65,30 +61,32 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan(pipe_or_experts: Any, recipe: Recipe) -> Plan:
-    """Decide quantize / protect for every target Linear of every expert of a Wan pipeline.
+def plan(model: Any, recipe: Recipe) -> Plan:
+    """Decide quantize / protect for every target Linear of every expert of ``model``.
 
-    ``pipe_or_experts``: a pipeline, or a mapping of expert name to expert. Reasons, first that applies:
-    "protected block i", "protect pattern '…'", "not included". Raises ValueError for a block index out of
-    range of an expert or over the ``max_protected_blocks`` budget; patterns that match nothing are logged.
+    ``model``: anything `models.adapter_for` takes (a pipeline, an nn.Module, a mapping of expert name to
+    expert, or an adapter). Reasons, first that applies: "protected block i", "protect pattern '…'", "not
+    included". Raises ValueError for a block index out of range of an expert or over the
+    ``max_protected_blocks`` budget; patterns that match nothing are logged.
     """
-    models = dict(pipe_or_experts) if isinstance(pipe_or_experts, Mapping) else wan.experts(pipe_or_experts)
+    adapter = adapter_for(model)
+    models = adapter.experts()
     if not models:
-        raise ValueError(f"{type(pipe_or_experts).__name__} has no experts to quantize")
+        raise ValueError(f"{type(model).__name__} has no experts to quantize")
     if dotted := [expert for expert in models if "." in expert]:
         raise ValueError(f"expert names cannot contain '.' (they prefix qualified layer names): {dotted}")
     result = Plan(experts=list(models))
-    targets: list[tuple[str, int]] = []
-    for expert, model in models.items():
-        layers = wan.target_linears(model)
-        blocks = [_block_index(layer) for layer in layers]
-        result.protected_blocks[expert] = _resolve_blocks(recipe.protect_blocks, expert, max(blocks, default=-1) + 1)
-        targets += [(f"{expert}.{layer}", block) for layer, block in zip(layers, blocks, strict=True)]
-        result.boundary += [f"{expert}.{layer}" for layer in wan.boundary_linears(model)]
+    targets: list[tuple[str, int | None]] = []
+    for expert in models:
+        layers = adapter.target_linears(expert)
+        blocks = [adapter.block_index(expert, layer) for layer in layers]
+        result.protected_blocks[expert] = _resolve_blocks(recipe.protect_blocks, expert, len(adapter.blocks(expert)))
+        targets += [(qualify(expert, layer), block) for layer, block in zip(layers, blocks, strict=True)]
+        result.boundary += [qualify(expert, layer) for layer in adapter.boundary_linears(expert)]
     _check_budget(result.protected_blocks, recipe.max_protected_blocks)
     _warn_unmatched(recipe, [name for name, _ in targets])
     for name, block in targets:
-        reason = _protection(name, block, result.protected_blocks[name.split(".", 1)[0]], recipe)
+        reason = _protection(name, block, result.protected_blocks[split_name(name)[0]], recipe)
         if reason is None:
             result.quantized.append(name)
         else:
@@ -97,8 +95,8 @@ def plan(pipe_or_experts: Any, recipe: Recipe) -> Plan:
     return result
 
 
-def _protection(name: str, block: int, protected_blocks: list[int], recipe: Recipe) -> str | None:
-    if block in protected_blocks:
+def _protection(name: str, block: int | None, protected_blocks: list[int], recipe: Recipe) -> str | None:
+    if block is not None and block in protected_blocks:
         return f"protected block {block}"
     for pattern in recipe.protect:
         if matches(pattern, name):
@@ -106,13 +104,6 @@ def _protection(name: str, block: int, protected_blocks: list[int], recipe: Reci
     if not any(matches(pattern, name) for pattern in recipe.include):
         return "not included"
     return None
-
-
-def _block_index(layer: str) -> int:
-    found = _BLOCK.match(layer)
-    if found is None:
-        raise ValueError(f"target Linear '{layer}' is not inside a numbered block")
-    return int(found.group(1))
 
 
 def _resolve_blocks(indices: list[int], expert: str, num_blocks: int) -> list[int]:

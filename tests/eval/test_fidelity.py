@@ -11,7 +11,8 @@ import torch
 from vidquant.calib.calibrate import CalibSettings, calibrate
 from vidquant.calib.capture import capture_inputs
 from vidquant.calib.prompts import default_prompts
-from vidquant.methods.fidelity import activation_range, layer_fidelity, search, tail_rows
+from vidquant.eval.fidelity import layer_fidelity, search
+from vidquant.methods.fidelity import tail_rows
 from vidquant.models import tiny, wan
 
 SETTINGS = CalibSettings(num_prompts=2, steps=3, height=32, width=32, frames=5, bins=1)
@@ -61,12 +62,12 @@ def test_activation_range_and_its_guard(setup) -> None:
     _, stats, _ = setup
     expert, layer = "transformer", "blocks.0.ffn.net.2"
     a_max = stats.absmax(expert, layer)
-    assert torch.equal(activation_range(stats, expert, layer, 100.0), a_max)
-    plain = activation_range(stats, expert, layer, 99.0)
-    guarded = activation_range(stats, expert, layer, 99.0, max_ratio=4.0)
+    assert torch.equal(stats.activation_range(expert, layer, 100.0), a_max)
+    plain = stats.activation_range(expert, layer, 99.0)
+    guarded = stats.activation_range(expert, layer, 99.0, max_ratio=4.0)
     assert torch.equal(guarded, torch.maximum(plain, a_max / 4))
     with pytest.raises(ValueError, match="max_ratio"):
-        activation_range(stats, expert, layer, 99.0, max_ratio=0.5)
+        stats.activation_range(expert, layer, 99.0, max_ratio=0.5)
 
 
 def test_tail_rows() -> None:
