@@ -22,7 +22,7 @@ from timing import median_seconds_ab
 from vidquant.calib.calibrate import CalibSettings, generate, new_stats
 from vidquant.calib.collector import collecting
 from vidquant.calib.prompts import default_prompts
-from vidquant.models import tiny, wan
+from vidquant.models import adapter_for, tiny
 
 
 def overhead(name: str, pipe, settings: CalibSettings) -> None:
@@ -37,7 +37,7 @@ def overhead(name: str, pipe, settings: CalibSettings) -> None:
         generate(pipe, prompt, settings, seed=settings.seed, on_step=lambda: None)
 
     def calibrated() -> None:
-        with collecting(stats, wan.experts(pipe)):
+        with collecting(stats, adapter_for(pipe)):
             plain()
         with tempfile.TemporaryDirectory() as out:
             stats.save(out)

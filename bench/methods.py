@@ -30,11 +30,12 @@ from vidquant.calib.calibrate import CalibSettings, calibrate
 from vidquant.calib.layer_inputs import collect_layer_inputs
 from vidquant.calib.prompts import default_prompts
 from vidquant.methods.fidelity import binned_sqnr
-from vidquant.methods.smoothing import channel_mask, weight_channel_max
-from vidquant.models import adapter_for, tiny, wan
+from vidquant.methods.smoothing import channel_mask, guarded_range, weight_channel_max
+from vidquant.models import adapter_for, tiny
 from vidquant.nn import QuantLinear
 from vidquant.ptq.svdquant_gptq import quantize_layer
 from vidquant.recipes import Recipe, load_recipe
+from vidquant.recipes.schema import DEFAULT_MAX_RATIO
 from vidquant.state import quant_linear
 
 SETTINGS = CalibSettings(num_prompts=8, steps=12, height=48, width=48, frames=9, bins=4)
@@ -47,14 +48,19 @@ BINS = 4
 def variants(fmt: str) -> dict[str, Recipe]:
     """The recipe of each row: bundled recipes, and svdquant-gptq with components switched off."""
     full = load_recipe(f"svdquant-gptq-{fmt}").to_dict()
+    section = full["svdquant-gptq"]
     off = {"enabled": False}
+
+    def variant(**change) -> Recipe:
+        return Recipe.model_validate({**full, "svdquant-gptq": {**section, **change}})
+
     return {
         "RTN": load_recipe(f"rtn-{fmt}"),
         "SmoothQuant-max": load_recipe(f"max-{fmt}"),
         "SmoothQuant-percentile": load_recipe(f"tail-aware-{fmt}"),
-        "+ low-rank": Recipe.model_validate({**full, "gptq": off, "clip_search": {**full["clip_search"], **off}}),
-        "+ GPTQ": Recipe.model_validate({**full, "clip_search": {**full["clip_search"], **off}}),
-        "+ timestep-bin clip": Recipe.model_validate(full),
+        "+ low-rank": variant(gptq=off, clip_search={**section["clip_search"], **off}),
+        "+ GPTQ": variant(clip_search={**section["clip_search"], **off}),
+        "+ timestep-bin clip": variant(),
     }
 
 
@@ -73,8 +79,8 @@ def tiny_pipeline() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         stats = calibrate(pipe, prompts, SETTINGS, tmp, progress=False)
     held_out = SETTINGS.model_copy(update={"num_prompts": HELD_OUT, "seed": SETTINGS.seed + 10_000})
-    experts = wan.experts(pipe)
-    groups = {name: wan.input_groups(model) for name, model in experts.items()}
+    adapter = adapter_for(pipe)
+    groups = {name: adapter.input_groups(name) for name in adapter.experts()}
     inputs = collect_layer_inputs(pipe, prompts[SETTINGS.num_prompts:], held_out, groups,
                                   adapter_for(pipe).bin_edges(BINS), max_tokens=1024)
     samples = {f"{e}.{layer}": rec.bin_samples() for e, recs in inputs.items() for rec in recs.values()
@@ -86,8 +92,7 @@ def tiny_pipeline() -> None:
             state = vidquant.quantize(pipe, recipe, stats, prompts=prompts)
             scores = []
             for name, layer_state in state.layers.items():
-                expert, module_name = name.split(".", 1)
-                linear = experts[expert].get_submodule(module_name)
+                linear = adapter.linear(name)
                 scores.append(binned_sqnr(linear, quant_linear(linear, layer_state), samples[name]))
             results[fmt][row] = scores
     n = len(scores)
@@ -137,7 +142,7 @@ def synthetic_layers(factors: int | None, count: int = 3, width: int = 768, toke
         x = torch.cat(cal)
         hessian = x.T @ x / x.shape[0]
         a_max = x.abs().amax(0)
-        a_pct = torch.maximum(torch.quantile(x.abs(), 0.999, dim=0), a_max / 4)
+        a_pct = guarded_range(a_max, torch.quantile(x.abs(), 0.999, dim=0), DEFAULT_MAX_RATIO)
         for fmt in FORMATS:
             for row, recipe in variants(fmt).items():
                 s = recipe.smoothing

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from timing import median_seconds
@@ -24,7 +23,7 @@ from timing import median_seconds
 import vidquant
 from vidquant.calib.calibrate import CalibSettings, calibrate
 from vidquant.calib.prompts import default_prompts
-from vidquant.models import tiny, wan
+from vidquant.models import adapter_for, tiny
 from vidquant.recipes import load_recipe, plan
 
 
@@ -45,12 +44,11 @@ def a14b_state_fraction() -> None:
     from diffusers import WanTransformer3DModel
 
     with torch.device("meta"):
-        pipe = SimpleNamespace(transformer=WanTransformer3DModel.from_config(config),
-                               transformer_2=WanTransformer3DModel.from_config(config))
-    the_plan = plan(pipe, load_recipe("tail-aware-hif4"))
-    experts = wan.experts(pipe)
-    mask_bytes = sum(experts[n.split(".", 1)[0]].get_submodule(n.split(".", 1)[1]).in_features * 4
-                     for n in the_plan.quantized)
+        experts = {"transformer": WanTransformer3DModel.from_config(config),
+                   "transformer_2": WanTransformer3DModel.from_config(config)}
+    adapter = adapter_for(experts)
+    the_plan = plan(adapter, load_recipe("tail-aware-hif4"))
+    mask_bytes = sum(adapter.linear(n).in_features * 4 for n in the_plan.quantized)
     bf16 = sum(p.numel() * 2 for m in experts.values() for p in m.parameters())
     print(f"A14B shapes: {len(the_plan.quantized)} quantized Linears, state tensors {mask_bytes / 2**20:.1f} MiB "
           f"vs BF16 transformer weights {bf16 / 2**30:.1f} GiB: {100 * mask_bytes / bf16:.4f} %")

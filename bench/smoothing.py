@@ -25,7 +25,8 @@ import torch
 from vidquant.calib.calibrate import CalibSettings, calibrate
 from vidquant.calib.capture import capture_inputs
 from vidquant.calib.prompts import default_prompts
-from vidquant.methods.fidelity import TAIL_FACTOR, layer_fidelity, search
+from vidquant.eval.fidelity import layer_fidelity, search
+from vidquant.methods.fidelity import TAIL_FACTOR
 from vidquant.models import tiny
 
 SETTINGS = CalibSettings(num_prompts=16, steps=20, height=96, width=96, frames=17)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import vidquant
@@ -146,3 +147,19 @@ def test_an_edited_manifest_is_refused_and_old_states_still_load(base_dir: Path,
     manifest["layers"]["transformer.blocks.0.attn1.to_q"]["weight_format"] = "hif4"
     manifest_file.write_text(json.dumps(manifest))
     assert vidquant.load_state(tmp_path / "s").fingerprint() == state.fingerprint()
+
+
+@pytest.mark.parametrize("recipe", ["tail-aware-hif4", "svdquant-gptq-hif4"])
+def test_a_version_2_state_still_loads_and_applies_bit_identically(recipe: str) -> None:
+    """States written by vidquant before the adapter/parts redesign (state format 2; svdquant-gptq options at the
+    top level of the recipe), by tests/data/make_v2_states.py at commit a2f46cf: applied today, the tiny
+    pipeline gives the latents that version gave, bit for bit."""
+    data = Path(__file__).parent / "data"
+    folder = data / f"state-v2-{recipe}"
+    assert json.loads((folder / "manifest.json").read_text())["format_version"] == 2
+    state = vidquant.load_state(folder)
+    pipe = tiny.build_tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    vidquant.apply(pipe, state)
+    expected = load_file(str(data / "state-v2-latents.safetensors"))[recipe]
+    assert np.array_equal(run(pipe), expected.numpy())

@@ -67,16 +67,14 @@ def test_state_holds_packed_residuals_branches_and_bin_clips(base_dir: Path, sta
     assert set(state.timestep_bins) == {"transformer", "transformer_2"}
     assert all(len(edges) == 3 for edges in state.timestep_bins.values())
     for name, layer in state.layers.items():
-        expert, module_name = name.split(".", 1)
-        weight = wan.experts(pipe)[expert].get_submodule(module_name).weight
-        n, k = weight.shape
-        assert layer.tensors["weight_packed"].dtype == torch.uint8 and layer.tensors["weight_packed"].numel() == fmt.packed_nbytes(n, k)
-        rank = load_recipe("svdquant-gptq-hif4").options.lowrank.rank_for(n, k)
+        n, k = adapter_for(pipe).linear(name).weight.shape
         t = layer.tensors
+        assert t["weight_packed"].dtype == torch.uint8 and t["weight_packed"].numel() == fmt.packed_nbytes(n, k)
+        rank = load_recipe("svdquant-gptq-hif4").options.lowrank.rank_for(n, k)
         assert t["lowrank_down"].shape == (rank, k) and t["lowrank_up"].shape == (n, rank)
         assert t["act_clip"].shape == (2,) and ((t["act_clip"] > 0) & (t["act_clip"] <= 1)).all()
         assert "mask" in t
-    assert any((layer.tensors["act_clip"] < 1).any() for layer in state.layers.values())  # the search does clip somewhere
+    assert any((layer.tensors["act_clip"] < 1).any() for layer in state.layers.values())  # the search clips somewhere
 
 
 def test_save_load_apply_is_bit_identical_and_beats_tail_aware(base_dir: Path, stats, state, tmp_path: Path) -> None:

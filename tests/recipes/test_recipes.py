@@ -12,8 +12,8 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from vidquant.models import wan
-from vidquant.patterns import matches
 from vidquant.models.tiny import MEDIUM_EXPERT, build_tiny_pipeline
+from vidquant.patterns import matches
 from vidquant.recipes import (
     DEFAULT_ALPHA,
     DEFAULT_PERCENTILE,
@@ -237,7 +237,8 @@ def test_user_file_loads_and_takes_its_file_name(tmp_path: Path) -> None:
         ("weights: hif4\nactivations: hif4\nsvdquant-gptq: {gptq: {damp: 1}}\n", "unknown key 'svdquant-gptq'"),
         ("weights: hif4\nactivations: hif4\nprotect_blocks: [a]\n", r"protect_blocks.0: "),
         ("weights: hif4\nactivations: hif4\nmax_protected_blocks: -1\n", "max_protected_blocks: "),
-        ("weights: hif4\nactivations: hif4\nprotect: ['re:(']\n", r"protect: invalid regular expression in pattern 're:\('"),
+        ("weights: hif4\nactivations: hif4\nprotect: ['re:(']\n",
+         r"protect: invalid regular expression in pattern 're:\('"),
         ("weights: hif4\nactivations: hif4\ninclude: ['']\n", "include: empty pattern"),
         ("activations: hif4\n", "missing key 'weights'"),
         (

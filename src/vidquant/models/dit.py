@@ -56,7 +56,9 @@ class BatchedCFGAdapter(ModelAdapter):
         t = None if timestep is None else float(torch.as_tensor(timestep).flatten()[0])
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         batch = 0 if hidden is None else int(hidden.shape[0])
-        if getattr(self.obj, "do_classifier_free_guidance", False) and batch % 2 == 0 and batch:
+        # diffusers pipelines keep the call's scale in `_guidance_scale` (CogVideoX has no CFG property)
+        guided = float(getattr(self.obj, "_guidance_scale", 1.0) or 1.0) > 1.0
+        if guided and batch % 2 == 0 and batch:
             half = batch // 2
             return CallInfo(t, (UNCOND,) * half + (COND,) * half)
         return CallInfo(t, COND)
