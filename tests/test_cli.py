@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -64,3 +65,53 @@ def test_quantize_replaces_its_own_state(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert tree(tmp_path / "state") != first and "rtn-nvfp4" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
+
+
+def test_each_stage_is_a_command(tmp_path: Path) -> None:
+    """calibrate -> quantize -> apply -> generate (BF16, quantized) -> evaluate -> report, on a non-Wan DiT."""
+    model = ["--model", "tiny-ltx"]
+    size = ["--num-prompts", "1", "--steps", "2"]
+    ok = [
+        ["calibrate", *model, *size, "--out", str(tmp_path / "stats"), "--bins", "2"],
+        ["quantize", *model, "--stats", str(tmp_path / "stats"), "--out", str(tmp_path / "state")],
+        ["apply", *model, "--state", str(tmp_path / "state")],
+        ["generate", *model, *size, "--out", str(tmp_path / "bf16")],
+        ["generate", *model, *size, "--out", str(tmp_path / "quantized"), "--state", str(tmp_path / "state")],
+        ["evaluate", "--bf16", str(tmp_path / "bf16"), "--quantized", str(tmp_path / "quantized"),
+         "--out", str(tmp_path / "eval")],
+        ["report", "--evaluation", str(tmp_path / "eval" / "evaluation.json"), "--out", str(tmp_path / "report"),
+         "--state", str(tmp_path / "state"), "--stats", str(tmp_path / "stats")],
+    ]
+    outputs = []
+    for args in ok:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (args[0], result.output)
+        outputs.append(result.output)
+    assert "applies to tiny-ltx: 20 Linears quantized" in " ".join(outputs[2].split())
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "tail-aware-hif4" in html and "<img" in html
+    metrics = {m["name"] for m in json.loads((tmp_path / "report" / "metrics.json").read_text())["metrics"]}
+    assert {"psnr", "ssim", "weight_bytes", "seconds_per_step"} <= metrics
+    # the same folder for another source is refused, naming it
+    result = runner.invoke(app, ["generate", *model, *size, "--out", str(tmp_path / "bf16"), "--state",
+                                 str(tmp_path / "state")])
+    assert result.exit_code == 2 and "another model or state" in result.output
+
+
+def test_bad_values_are_refused_up_front(tmp_path: Path) -> None:
+    cases = [
+        (["calibrate", "--model", "tiny", "--out", str(tmp_path / "s"), "--frames", "0"], "--frames must be at least 1"),
+        (["calibrate", "--model", "tiny", "--out", str(tmp_path / "s"), "--cfg", "nan"], "cfg"),
+        (["calibrate", "--model", "tiny", "--out", str(tmp_path / "s"), "--cfg", "-1"], "cfg"),
+        (["calibrate", "--model", "tiny", "--out", str(tmp_path / "s"), "--num-prompts", "100"],
+         "--num-prompts 100: the bundled prompt set has only 80 prompts"),
+        (["run", "--out", str(tmp_path / "r"), "--num-calib-prompts", "100"], "--num-calib-prompts 100"),
+        (["run", "--out", str(tmp_path / "r"), "--model", "tiny-ltx", "--height", "48"], "multiple of 32"),
+        (["generate", "--model", "tiny", "--out", str(tmp_path / "g"), "--height", "0"], "--height must be at least 1"),
+        (["calibrate", "--model", "tiny", "--out", str(tmp_path / "s"), "--steps", "1"],
+         "never reaches expert transformer_2"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "g").exists()

@@ -115,6 +115,7 @@ def calibrate(
     if not is_prompts(data):
         return _calibrate_loop(model, data, settings, out)
     adapter.check_protocol(settings)
+    adapter.check_calibration(settings)
     if len(data) < settings.num_prompts:
         raise ValueError(f"{settings.num_prompts} calibration prompts asked for, the prompt set has {len(data)}")
     prompts = list(data[: settings.num_prompts])

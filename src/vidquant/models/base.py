@@ -226,6 +226,9 @@ class ModelAdapter(ABC):
         """Raise a ValueError when the model cannot generate under ``protocol`` (sizes off its grid)."""
         self._need_pipeline("generate videos")
 
+    def check_calibration(self, protocol: Any) -> None:  # noqa: B027 (optional: most families need no check)
+        """Raise a ValueError when calibrating under ``protocol`` would leave an expert without inputs."""
+
     def call_kwargs(self, protocol: Any, prompt: str, seed: int) -> dict[str, Any]:
         """The pipeline-call arguments for ``prompt`` under ``protocol`` (calibration and generation alike)."""
         self._need_pipeline("generate videos")

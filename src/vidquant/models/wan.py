@@ -8,6 +8,7 @@ branch (conditional first), and the I2V placeholder image.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,15 @@ class WanAdapter(ModelAdapter):
                 raise ValueError(f"{side} must be a multiple of {SPATIAL_STRIDE} for Wan, "
                                  f"got {getattr(protocol, side)}")
 
+    def check_calibration(self, protocol: Any) -> None:
+        """Every expert must see some step of the schedule, or it would get no statistics at all."""
+        if missing := [e for e in self.experts() if e not in _reached(self, protocol.steps)]:
+            need = next((n for n in range(protocol.steps + 1, 10 * protocol.steps + 64) if _reaches_all(self, n)),
+                        None)
+            raise ValueError(f"with {protocol.steps} steps the schedule never reaches expert {', '.join(missing)} "
+                             f"(boundary timestep {boundary_timestep(self.obj):g}): calibrate with at least "
+                             f"{need} steps")
+
     def call_kwargs(self, protocol: Any, prompt: str, seed: int) -> dict[str, Any]:
         kwargs = protocol.common_kwargs(prompt, seed)
         if isinstance(self.obj, WanImageToVideoPipeline):
@@ -138,6 +148,17 @@ class WanTransformerAdapter(ModelAdapter):
 
     def input_groups(self, expert: str) -> list[list[str]]:
         return input_groups(self.obj)
+
+
+def _reached(adapter: WanAdapter, steps: int) -> set[str]:
+    """The experts a ``steps``-step schedule calls (on a copy of the scheduler)."""
+    scheduler = copy.deepcopy(adapter.obj.scheduler)
+    scheduler.set_timesteps(steps, device="cpu")
+    return {expert_for_timestep(adapter.obj, t) for t in scheduler.timesteps}
+
+
+def _reaches_all(adapter: WanAdapter, steps: int) -> bool:
+    return _reached(adapter, steps) >= set(adapter.experts())
 
 
 def load_pipeline(
