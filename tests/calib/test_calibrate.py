@@ -16,8 +16,7 @@ from vidquant.calib.calibrate import CalibSettings, calibrate
 from vidquant.calib.prompts import default_prompts
 from vidquant.calib.stats import InputStats, load_stats
 from vidquant.cli import app
-from vidquant.models import tiny, wan
-from vidquant.models import bin_edges, timestep_bin
+from vidquant.models import bin_edges, timestep_bin, tiny, wan
 
 SETTINGS = CalibSettings(num_prompts=3, steps=3, height=32, width=32, frames=5, bins=2)
 
@@ -189,7 +188,7 @@ def test_a_flipped_byte_or_an_edited_header_is_refused(reference, tmp_path: Path
         load_stats(tmp_path)
     stats.save(tmp_path)
     data = file.read_bytes()
-    edited = data.replace(b'\\"bins\\": 2', b'\\"bins\\": 3', 1)  # in the JSON metadata of the header
+    edited = data.replace(b'\\"seed\\": 42', b'\\"seed\\": 43', 1)  # in the JSON metadata of the header
     assert edited != data
     file.write_bytes(edited)
     with pytest.raises(ValueError, match="checksum differs"):

@@ -270,3 +270,15 @@ def test_weight_bytes_counts_packed_quantized_weights(pipe) -> None:
     packed = formats.get("hif4").packed_nbytes(linear.out_features, linear.in_features)
     expected = 2 * numel - 2 * linear.weight.numel() + packed + 4 * linear.in_features  # + the fp32 mask
     assert weight_bytes(quantized) == (2 * numel, expected)
+
+
+def test_an_edited_sidecar_cannot_point_outside_its_folder(tmp_path: Path) -> None:
+    pipe = tiny.build_tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    (record,) = generate_videos(pipe, PROMPTS[:1], PROTOCOL, tmp_path / "v", progress=False)
+    sidecar = json.loads(record.paths["sidecar"].read_text())
+    for field, value, message in (("name", "../x", "not the file name of its prompt"), ("index", -1, "index"),
+                                  ("seconds_per_step", "fast", "seconds_per_step"), ("prompt", None, "prompt")):
+        record.paths["sidecar"].write_text(json.dumps({**sidecar, field: value}))
+        with pytest.raises(ValueError, match=message):
+            load_records(tmp_path / "v")

@@ -13,14 +13,12 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from pydantic import Field
 
 from .. import __version__
-from ..eval.protocol import Protocol
 from ..models import adapter_for
 from ..outputs import check_output, locked_output
 from ..progress import progress_bar
@@ -28,17 +26,10 @@ from . import histogram
 from .collector import collecting
 from .data import CalibData, ForwardLoop, generate, is_prompts, run_loop
 from .prompts import default_prompts, prompt_set_hash
-from .stats import FORMAT_VERSION, STATS_FILE, STATS_OWNED, TAIL_KEYS, CalibStats, InputStats, load_stats
+from .settings import CalibSettings
+from .stats import FORMAT_VERSION, STATS_FILE, STATS_OWNED, CalibStats, InputStats, load_stats
 
 logger = logging.getLogger(__name__)
-
-
-class CalibSettings(Protocol):
-    """The generation protocol of the calibration run, plus how much to run and how to key statistics."""
-
-    num_prompts: int = Field(16, ge=1)
-    bins: int = Field(4, ge=1)
-    tail_keys: Literal[TAIL_KEYS] = "total"  # type: ignore[valid-type]
 
 
 def new_stats(
@@ -51,6 +42,9 @@ def new_stats(
     ``fingerprint`` defaults to the adapter's fingerprint of the model's weights.
     """
     adapter = adapter_for(model)
+    if settings.bins != 1 and any(adapter.timestep_range(e) is None for e in adapter.experts()):
+        logger.info("this %s model has no timestep: one timestep bin instead of %d", adapter.family, settings.bins)
+        settings = settings.model_copy(update={"bins": 1})
     edges = adapter.bin_edges(settings.bins)
     inputs, info = {}, {}
     for name in adapter.experts():
@@ -60,7 +54,7 @@ def new_stats(
         observers = {}
         for group in adapter.input_groups(name):
             observers[group[0]] = InputStats.empty(
-                group, linears[group[0]].in_features, len(edges[name]) - 1, settings.tail_keys, device
+                group, linears[group[0]].in_features, settings.bins, settings.tail_keys, device
             )
         inputs[name] = observers
         info[name] = {
@@ -106,7 +100,7 @@ def calibrate(
     holds, prompt by prompt), or a forward loop for any model (`data.run_loop`; run once, saved at the end).
     """
     adapter = adapter_for(model)
-    settings = settings or CalibSettings(bins=1 if not adapter.is_pipeline else 4)
+    settings = settings or CalibSettings()
     if data is None:
         if not adapter.is_pipeline:
             raise ValueError(f"calibrating a {type(model).__name__} needs a forward loop (a callable taking the "

@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numba
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -28,6 +31,7 @@ from ..models import BRANCHES
 from ..safeio import TensorSpec, read_header, read_safetensors
 from . import histogram
 from .histogram import TailHistogram
+from .settings import CalibSettings
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +44,6 @@ CHECKSUM_KEY = "vidquant_sha256"
 # Per-token absmax distribution: quarter-octave buckets over [2^-32, 2^32), plus underflow/overflow.
 TOKEN_MIN_EXP, TOKEN_MAX_EXP = -32, 32
 TOKEN_BUCKETS = (TOKEN_MAX_EXP - TOKEN_MIN_EXP) * 4 + 2
-TAIL_KEYS = ("total", "bin_branch")
 
 
 @dataclass
@@ -281,6 +284,40 @@ class CalibStats:
         return branch
 
 
+class _ExpertMeta(BaseModel):
+    observers: dict[str, list[str]] = Field(min_length=1)
+    bin_edges: list[float] = Field(min_length=2)
+
+    @field_validator("bin_edges")
+    @classmethod
+    def _increasing(cls, edges: list[float]) -> list[float]:
+        if not all(math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+            raise ValueError("timestep-bin edges must be finite and increasing")
+        return edges
+
+
+class StatsMeta(BaseModel):
+    """The schema of the statistics metadata (in the safetensors header): checked before any tensor is read."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format_version: int
+    library_version: str = Field(min_length=1)
+    model_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    prompt_set_hash: str | None
+    settings: dict[str, Any]
+    experts: dict[str, _ExpertMeta] = Field(min_length=1)
+    prompts_done: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StatsMeta:
+        settings = CalibSettings.model_validate(self.settings)
+        for expert, info in self.experts.items():
+            if len(info.bin_edges) - 1 != settings.bins:
+                raise ValueError(f"{expert}: {len(info.bin_edges) - 1} timestep bins, the settings say {settings.bins}")
+        return self
+
+
 def stats_checksum(header: str, tensors: dict[str, Tensor]) -> str:
     """sha256 of the metadata JSON and the named tensors (layout-independent): a flipped byte changes it."""
     return hashlib.sha256(f"{header}\n{tensors_sha256(tensors)}".encode()).hexdigest()
@@ -296,8 +333,11 @@ def read_meta(path: str | Path) -> dict:
         meta = json.loads(header)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: unreadable statistics metadata ({err})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: the statistics metadata is not a JSON object")
+    try:
+        StatsMeta.model_validate(meta)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'metadata'}: {e['msg']}" for e in err.errors()[:3])
+        raise ValueError(f"{path}: invalid statistics metadata: {problems}") from None
     return meta
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import imageio_ffmpeg
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import save_file
 
 from vidquant import __version__
@@ -268,10 +269,11 @@ def load_records(directory: str | Path) -> list[VideoRecord]:
             continue
         try:
             sidecar = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path}: unreadable sidecar ({err})") from err
         if isinstance(sidecar, dict) and sidecar.get("kind") == SIDECAR_KIND:
-            records.append(_record(sidecar, _paths(directory, sidecar["name"], sidecar["index"])))
+            checked = _check_sidecar(sidecar, path)
+            records.append(_record(sidecar, _paths(directory, checked.name, checked.index)))
     indices = [r.index for r in records]
     duplicated = sorted({i for i in indices if indices.count(i) > 1})
     if duplicated:
@@ -366,6 +368,36 @@ def folder_info(out: str | Path) -> dict:
 
 def _paths(out: Path, name: str, index: int) -> dict[str, Path]:
     return {key: out / f"{name}-{index}{suffix}" for key, suffix in SUFFIXES.items()}
+
+
+class Sidecar(BaseModel):
+    """The schema of a video's sidecar: what `load_records` trusts before it builds any path from it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    index: int = Field(ge=0)
+    prompt: str
+    name: str
+    seed: int
+    seconds_per_step: float = Field(ge=0, allow_inf_nan=False)
+    peak_memory_bytes: int = Field(ge=0)
+    protocol_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    protocol: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _name_is_the_prompts(self) -> Sidecar:
+        if self.name != video_name(self.prompt):  # so a hand-edited name can never point outside the folder
+            raise ValueError(f"name {self.name[:60]!r} is not the file name of its prompt "
+                             f"({video_name(self.prompt)!r})")
+        return self
+
+
+def _check_sidecar(sidecar: dict, path: Path) -> Sidecar:
+    try:
+        return Sidecar.model_validate(sidecar)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'sidecar'}: {e['msg']}" for e in err.errors()[:3])
+        raise ValueError(f"{path}: invalid video sidecar: {problems}") from None
 
 
 def _record(sidecar: dict, paths: dict[str, Path]) -> VideoRecord:

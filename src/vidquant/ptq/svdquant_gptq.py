@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .. import formats
 from ..calib.layer_inputs import collect_layer_inputs, hessian_nbytes
+from ..calib.settings import MAX_BINS
 from ..checksum import tensor_sha256
 from ..methods.clip import clip_search
 from ..methods.gptq import gptq
@@ -45,8 +46,7 @@ from .registry import Method, QuantizeRun, register_method
 logger = logging.getLogger(__name__)
 
 Groups = dict[str, list[list[str]]]  # per expert, groups of target Linears that read one input
-MAX_BINS = 64  # timestep bins per expert: each keeps max_tokens sample rows per layer input
-MAX_SAMPLE_TOKENS = 65536
+MAX_SAMPLE_TOKENS = 65536  # sample rows kept per timestep bin and layer input
 
 
 class LowRank(BaseModel):
