@@ -246,18 +246,20 @@ def _enough(prompts: list[str], wanted: int, option: str, source: Path | None) -
 
 
 def _print_state(path: Path) -> None:
+    from .recipes import Recipe
     from .state import load_state
 
     state = load_state(path)
-    plan, recipe = state.plan, state.recipe
+    plan, recipe = state.plan, Recipe.model_validate(state.recipe)  # the manifest's recipe is validated on load
     size, base = state.nbytes(), state.base["transformer_bf16_bytes"]
-    console.print(f"[bold]{path}[/bold]: PTQ state, vidquant {state.library_version}, recipe '{recipe['name']}' "
-                  f"(W {recipe['weights']}, A {recipe['activations']}, smoothing {recipe['smoothing']['statistic']})")
+    console.print(f"[bold]{path}[/bold]: PTQ state, vidquant {state.library_version}, recipe '{recipe.name}' "
+                  f"(method {recipe.method}, W {recipe.weights}, A {recipe.activations}, "
+                  f"smoothing {recipe.smoothing.statistic})")
     table = Table(title="layers per expert")
     for col in ("expert", "quantized", "protected", "boundary (BF16)", "protected blocks"):
         table.add_column(col)
-    for expert, counts in plan["counts"].items():
-        blocks = ", ".join(map(str, plan["protected_blocks"].get(expert, []))) or "-"
+    for expert, counts in plan.get("counts", {}).items():
+        blocks = ", ".join(map(str, plan.get("protected_blocks", {}).get(expert, []))) or "-"
         table.add_row(expert, str(counts["quantized"]), str(counts["protected"]), str(counts["boundary"]), blocks)
     console.print(table)
     console.print(f"state tensors {size / 2**20:.3f} MiB = {100 * size / base:.4f} % of the BF16 transformer "
@@ -268,6 +270,7 @@ def _print_state(path: Path) -> None:
 def inspect_cmd(path: Path = typer.Argument(..., help="A statistics or PTQ state directory.")) -> None:
     """Print a readable summary of a statistics or PTQ state directory."""
     from .calib.stats import load_stats
+    from .eval.tails import tail_rows
 
     if (path / "manifest.json").is_file():
         try:
@@ -287,28 +290,14 @@ def inspect_cmd(path: Path = typer.Argument(..., help="A statistics or PTQ state
     table = Table(title="worst tails: max |x| / p99.9 per layer input (top 10)")
     for col in ("expert", "layers", "tokens", "NaN/Inf", "max", "p99.9", "ratio"):
         table.add_column(col)
-    rows = []
     for expert in stats.experts():
-        for name, obs in stats.inputs[expert].items():
-            amax = stats.absmax(expert, name)
-            p999 = stats.percentile(expert, name, 99.9)
-            ratio = (amax / p999.clamp(min=1e-30)).max().item()
-            rows.append(
-                (
-                    ratio,
-                    expert,
-                    ",".join(obs.layers),
-                    int(obs.tokens.sum()),
-                    obs.nonfinite,
-                    amax.max().item(),
-                    p999.max().item(),
-                )
-            )
         console.print(
             f"{expert}: {len(stats.layers(expert))} target Linears, {len(stats.inputs[expert])} distinct inputs"
         )
-    for ratio, expert, layers, tokens, bad, amax, p in sorted(rows, reverse=True)[:10]:
-        table.add_row(expert, layers, str(tokens), str(bad), f"{amax:.4g}", f"{p:.4g}", f"{ratio:.1f}")
+    for row in tail_rows(stats)[:10]:
+        obs = stats.inputs[row.expert][row.observer]
+        table.add_row(row.expert, ",".join(obs.layers), str(int(obs.tokens.sum())), str(obs.nonfinite),
+                      f"{row.absmax.max().item():.4g}", f"{row.percentile.max().item():.4g}", f"{row.ratio:.1f}")
     console.print(table)
 
 

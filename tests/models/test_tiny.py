@@ -1,15 +1,14 @@
 from __future__ import annotations
 
 import string
-import time
 
 import numpy as np
 import pytest
 import torch
 from diffusers import WanImageToVideoPipeline, WanPipeline
 
-from vidquant.models.tiny import build_medium_pipeline, build_tiny_pipeline, tiny_tokenizer
 from vidquant.models import adapter_for
+from vidquant.models.tiny import build_medium_pipeline, build_tiny_pipeline, tiny_tokenizer
 from vidquant.models.wan import experts, placeholder_image, target_linears
 
 CALL = {
@@ -24,16 +23,12 @@ CALL = {
 
 
 @pytest.mark.parametrize("i2v", [False, True])
-def test_generation_is_fast_and_deterministic(i2v: bool) -> None:
+def test_generation_is_deterministic(i2v: bool) -> None:
+    """(Its speed is measured side by side in bench/models.py, never asserted here.)"""
     pipe = build_tiny_pipeline(i2v=i2v)
     pipe.set_progress_bar_config(disable=True)
     extra = {"image": placeholder_image(16, 16)} if i2v else {}
-    videos, seconds = [], []
-    for _ in range(3):
-        start = time.perf_counter()
-        videos.append(pipe(**CALL, **extra, generator=torch.Generator().manual_seed(0)).frames)
-        seconds.append(time.perf_counter() - start)
-    assert min(seconds) < 1.0
+    videos = [pipe(**CALL, **extra, generator=torch.Generator().manual_seed(0)).frames for _ in range(3)]
     assert videos[0].shape == (1, 5, 16, 16, 3)
     assert np.isfinite(videos[0]).all()
     np.testing.assert_array_equal(videos[0], videos[2])
@@ -140,9 +135,7 @@ def test_outliers_keep_generation_finite() -> None:
 
 @pytest.mark.slow
 def test_medium_pipeline_has_a14b_block_shapes() -> None:
-    start = time.perf_counter()
     pipe = build_medium_pipeline()
-    assert time.perf_counter() - start < 60
     for model in experts(pipe).values():
         shapes = {name: tuple(m.weight.shape) for name, m in target_linears(model).items()}
         assert len(shapes) == 10

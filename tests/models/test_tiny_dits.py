@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,17 +73,12 @@ def test_round_trip_generates_deterministically_with_one_cfg_call(name: str, tmp
         return tensors
 
     call = _call(kind, callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
-    videos, seconds = [], []
-    for _ in range(2):
-        start = time.perf_counter()
-        videos.append(pipe(**{**call, "generator": torch.Generator("cpu").manual_seed(0)}).frames[0])
-        seconds.append(time.perf_counter() - start)
+    videos = [pipe(**{**call, "generator": torch.Generator("cpu").manual_seed(0)}).frames[0] for _ in range(2)]
 
     protocol = kind.module.TINY_PROTOCOL
     assert videos[0].shape == (protocol["frames"], protocol["height"], protocol["width"], 3)
     assert np.isfinite(videos[0]).all()
     np.testing.assert_array_equal(videos[0], videos[1])
-    assert min(seconds) < 1.0
     assert steps == [0, 1, 0, 1]
     # CFG: one transformer call per step on [uncond; cond]; batch index 1 is the prompt.
     assert len(calls) == 4

@@ -2,22 +2,41 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from torch import Tensor
+
 from ..calib.stats import CalibStats, token_bucket_edges
 from .report import ActivationTail
 
 TAIL_PERCENTILE = 99.9
 
 
-def worst_tails(stats: CalibStats, count: int = 4) -> list[ActivationTail]:
-    """The ``count`` layer inputs with the largest ``max |x| / p99.9`` over channels (the tails masks clip)."""
-    scored = []
+@dataclass
+class TailRow:
+    """One distinct layer input: its largest ``max |x| / p99.9`` over channels and what it is made of."""
+
+    ratio: float
+    expert: str
+    observer: str
+    absmax: Tensor
+    percentile: Tensor
+
+
+def tail_rows(stats: CalibStats) -> list[TailRow]:
+    """Every distinct layer input, longest tail first (the tails percentile masks clip)."""
+    rows = []
     for expert in stats.experts():
-        for name, obs in stats.inputs[expert].items():
+        for name in stats.inputs[expert]:
             absmax, pct = stats.absmax(expert, name), stats.percentile(expert, name, TAIL_PERCENTILE)
-            ratio = float((absmax / pct.clamp(min=1e-30)).max())
-            scored.append((ratio, expert, name, absmax, pct, obs.token_absmax.sum((0, 1))))
-    scored.sort(key=lambda t: -t[0])
+            rows.append(TailRow(float((absmax / pct.clamp(min=1e-30)).max()), expert, name, absmax, pct))
+    return sorted(rows, key=lambda r: -r.ratio)
+
+
+def worst_tails(stats: CalibStats, count: int = 4) -> list[ActivationTail]:
+    """The report's panel: the ``count`` layer inputs with the longest tails, with their per-token histograms."""
     edges = token_bucket_edges()
-    return [ActivationTail(layer=name, expert=expert, absmax=absmax.numpy(), percentile=pct.numpy(),
-                           token_counts=counts.numpy(), token_edges=edges)
-            for _, expert, name, absmax, pct, counts in scored[:count]]
+    return [ActivationTail(layer=r.observer, expert=r.expert, absmax=r.absmax.numpy(), percentile=r.percentile.numpy(),
+                           token_counts=stats.inputs[r.expert][r.observer].token_absmax.sum((0, 1)).numpy(),
+                           token_edges=edges)
+            for r in tail_rows(stats)[:count]]
