@@ -163,3 +163,12 @@ def test_a_version_2_state_still_loads_and_applies_bit_identically(recipe: str) 
     vidquant.apply(pipe, state)
     expected = load_file(str(data / "state-v2-latents.safetensors"))[recipe]
     assert np.array_equal(run(pipe), expected.numpy())
+
+
+def test_a_clip_ratio_shared_by_every_layer_saves(base_dir: Path, stats, tmp_path: Path) -> None:
+    recipe = vidquant.load_recipe("tail-aware-hif4").model_copy(update={"act_clip": 0.9})
+    state = vidquant.quantize(fresh(base_dir), recipe, stats)
+    state.save(tmp_path / "s")
+    loaded = vidquant.load_state(tmp_path / "s")
+    assert loaded.fingerprint() == state.fingerprint()
+    assert all(float(layer.tensors["act_clip"]) == pytest.approx(0.9) for layer in loaded.layers.values())

@@ -93,8 +93,14 @@ class PTQState:
         """
         directory = check_output(directory, STATE_FILES, "PTQ state")
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{name}.{k}": v.detach().contiguous().cpu()
-                   for name, s in self.layers.items() for k, v in s.tensors.items()}
+        tensors, seen = {}, set()
+        for name, layer in self.layers.items():
+            for key, value in layer.tensors.items():
+                t = value.detach().contiguous().cpu()
+                if t.untyped_storage().data_ptr() in seen:  # one tensor shared by layers: safetensors stores copies
+                    t = t.clone()
+                seen.add(t.untyped_storage().data_ptr())
+                tensors[f"{name}.{key}"] = t
         with atomic_path(directory / TENSORS) as tmp:
             save_file(tensors, tmp)
             tensors_sha256 = file_sha256(tmp)
