@@ -119,21 +119,21 @@ def quantize_cmd(
     """Turn calibration statistics and a recipe into a compact PTQ state.
 
     svdquant-gptq runs the pipeline again on the calibration prompts (the statistics' protocol) for each
-    layer's Hessian and per-timestep-bin inputs; finished layers are kept in OUT.partial for a rerun.
+    layer's Hessian and per-timestep-bin inputs; finished layers are kept in OUT/.partial for a rerun.
     """
     from .calib.prompts import load_prompts
     from .calib.stats import load_stats
     from .outputs import locked_output
     from .ptq import quantize
     from .recipes import load_recipe
-    from .state import STATE_FILES, remove_state
+    from .state import STATE_OWNED, checkpoint_of, remove_state
 
-    partial = out.with_name(out.name + ".partial")
+    partial = checkpoint_of(out)
     try:
         the_recipe = load_recipe(recipe)  # bad input fails before anything is created
         calibration = load_stats(stats) if stats else None
         prompt_list = load_prompts(prompts) if prompts else None
-        with locked_output(out, STATE_FILES, "PTQ state"):
+        with locked_output(out, STATE_OWNED, "PTQ state"):
             pipe = load_model(model, i2v=i2v)
             state = quantize(pipe, the_recipe, calibration, progress=True, prompts=prompt_list, checkpoint=partial,
                              hessian_budget_gb=hessian_budget_gb)

@@ -27,11 +27,11 @@ from .models import adapter_for
 from .outputs import locked_output
 from .ptq import method_class, quantize
 from .recipes import Recipe
-from .state import PTQState, load_state, remove_state, verify
+from .state import PTQState, checkpoint_of, load_state, remove_state, verify
 
 logger = logging.getLogger(__name__)
 
-RUN_OWNED = ("stats", "state", "state.partial", "videos", "report", "vbench")  # what a run folder may hold
+RUN_OWNED = ("stats", "state", "videos", "report", "vbench")  # what a run folder may hold
 
 
 @dataclass
@@ -98,7 +98,7 @@ def _state(model: Any, job: Job, stats: CalibStats | None) -> PTQState:
             logger.info("reusing the PTQ state in %s", path)
             return state
         logger.info("%s holds a state made from other inputs (%s): quantizing again", path, stale)
-    partial = job.out / "state.partial"  # svdquant-gptq's finished layers, for a rerun after an interruption
+    partial = checkpoint_of(path)  # svdquant-gptq's finished layers, for a rerun after an interruption
     state = quantize(model, job.recipe, stats, prompts=job.calib_prompts, progress=True, checkpoint=partial)
     state.save(path)
     if partial.exists():

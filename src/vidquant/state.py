@@ -41,6 +41,8 @@ READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 STATE_FILES = (MANIFEST, TENSORS)
+CHECKPOINT = ".partial"  # inside a state folder: the layers a long quantize has finished, for a rerun
+STATE_OWNED = (*STATE_FILES, CHECKPOINT)
 _SHA256 = r"^[0-9a-f]{64}$"
 
 
@@ -91,7 +93,7 @@ class PTQState:
         Each file is written to a temporary name and renamed, the manifest last: it holds the tensors'
         checksum, so a reader sees the old state, the new one, or a checksum error, never a mix.
         """
-        directory = check_output(directory, STATE_FILES, "PTQ state")
+        directory = check_output(directory, STATE_OWNED, "PTQ state")
         directory.mkdir(parents=True, exist_ok=True)
         tensors, seen = {}, set()
         for name, layer in self.layers.items():
@@ -281,11 +283,18 @@ def quant_linear(module: nn.Linear, layer: LayerState, context: StepContext | No
                                   name=name)
 
 
+def checkpoint_of(directory: str | Path) -> Path:
+    """Where quantizing into ``directory`` keeps its finished layers (inside it: nothing escapes ``--out``)."""
+    return Path(directory) / CHECKPOINT
+
+
 def remove_state(directory: str | Path) -> None:
     """Delete a state folder written by `PTQState.save` (a checkpoint); refuse one holding anything else."""
     directory = check_output(directory, STATE_FILES, "PTQ state")
     if not directory.is_dir():
         return
     for entry in directory.iterdir():  # only our own files are left, `check_output` made sure
+        if entry.is_dir():
+            raise ValueError(f"{entry}: a folder inside a checkpoint; remove it by hand")
         entry.unlink()
     directory.rmdir()
