@@ -34,8 +34,10 @@ def mtimes(folder: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in folder.rglob("*-[0-9].json")}
 
 
-def test_run_writes_every_artifact_and_reuses_them(tmp_path: Path) -> None:
-    report = run(tiny.build_tiny_pipeline(), job(tmp_path), progress=False)
+def test_run_writes_every_artifact_and_reuses_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VIDQUANT_VBENCH", raising=False)
+    monkeypatch.setenv("PATH", "")  # no vbench anywhere: the report says how to enable it
+    report = run(tiny.build_tiny_pipeline(), job(tmp_path, vbench=True), progress=False)
     assert report == tmp_path / "report" / "report.html"
     html = report.read_text()
     assert "Subject consistency" in html and "tail-aware-hif4" in html and html.count("<img") >= 3
@@ -43,6 +45,7 @@ def test_run_writes_every_artifact_and_reuses_them(tmp_path: Path) -> None:
     names = {m["name"] for m in data["metrics"]}
     assert {"psnr", "ssim", "temporal_flickering", "subject_consistency_proxy", "weight_bytes"} <= names
     assert len(data["prompts"]) == 2
+    assert any("VBench is not available" in note for note in data["notes"])
     for stage in ("stats/stats.safetensors", "state/manifest.json", "videos/bf16/prompts.json",
                   "videos/quantized/prompts.json"):
         assert (tmp_path / stage).is_file(), stage

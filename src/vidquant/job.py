@@ -54,8 +54,7 @@ def run(model: Any, job: Job, *, progress: bool = True) -> Path:
     adapter = adapter_for(model)
     adapter.check_protocol(job.protocol)  # everything checkable is checked before any long work
     adapter.check_protocol(job.calib)
-    use_vbench = job.vbench and vbench_status()[0]
-    if use_vbench:
+    if job.vbench and vbench_status()[0]:
         check_vbench_paths(job.out / "videos" / "bf16", job.out / "vbench")
     with locked_output(job.out, RUN_OWNED, "vidquant run folder"):
         _check_writable(job.out)
@@ -71,7 +70,7 @@ def run(model: Any, job: Job, *, progress: bool = True) -> Path:
                  replace_stale=True)
         generate(model, job.eval_prompts, job.protocol, videos / "quantized", state=state, model_fingerprint=base,
                  progress=progress, replace_stale=True)
-        evaluation = evaluate(videos / "bf16", videos / "quantized", vbench=use_vbench, vbench_out=job.out / "vbench")
+        evaluation = evaluate(videos / "bf16", videos / "quantized", vbench=job.vbench, vbench_out=job.out / "vbench")
         (job.out / "report").mkdir(exist_ok=True)
         evaluation.save(job.out / "report" / EVALUATION)
         return report(evaluation, job.out / "report", state=state, stats=stats, sqnr=sqnr, model=job.model,
