@@ -33,6 +33,7 @@ from .nn import QuantLinear, StepContext, check_tensors, swap
 from .outputs import check_output
 from .recipes import Recipe
 from .safeio import TensorSpec, read_safetensors
+from .validation import describe
 
 logger = logging.getLogger(__name__)
 
@@ -210,8 +211,7 @@ def load_state(directory: str | Path) -> PTQState:
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()[:5])
-        raise ValueError(f"{manifest_file}: invalid manifest: {problems}") from None
+        raise ValueError(f"{manifest_file}: invalid manifest: {describe(err)}") from None
     if file_sha256(tensors_file) != manifest.tensors_sha256:
         raise ValueError(f"{tensors_file}: checksum differs from the manifest's (truncated or modified)")
     expected = {f"{name}.{k}": TensorSpec() for name, info in manifest.layers.items() for k in info.tensors}

@@ -29,6 +29,7 @@ from ..formats.base import use_cpu_kernels
 from ..methods.smoothing import guarded_range
 from ..models import BRANCHES
 from ..safeio import TensorSpec, read_header, read_safetensors
+from ..validation import describe
 from . import histogram
 from .histogram import TailHistogram
 from .settings import CalibSettings
@@ -336,8 +337,7 @@ def read_meta(path: str | Path) -> dict:
     try:
         StatsMeta.model_validate(meta)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'metadata'}: {e['msg']}" for e in err.errors()[:3])
-        raise ValueError(f"{path}: invalid statistics metadata: {problems}") from None
+        raise ValueError(f"{path}: invalid statistics metadata: {describe(err)}") from None
     return meta
 
 

@@ -72,7 +72,7 @@ def evaluate(bf16_dir: str | Path, quantized_dir: str | Path, *, vbench: bool = 
         Metric("latent_rel_err", None, mean["latent_rel_error"]),
         *[Metric(REPORT_NAME[n], mean[f"{n}_ref"], mean[f"{n}_test"]) for n in metrics.TEMPORAL],
     ]
-    ref_info, test_info = folder_info(bf16_dir).get("model", {}), folder_info(quantized_dir).get("model", {})
+    ref_info, test_info = (info.model if (info := folder_info(d)) else {} for d in (bf16_dir, quantized_dir))
     if "weight_bytes" in test_info and "bf16_weight_bytes" in ref_info:
         table.append(Metric("weight_bytes", ref_info["bf16_weight_bytes"], test_info["weight_bytes"], group="cost"))
     table += [

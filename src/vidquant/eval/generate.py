@@ -44,6 +44,7 @@ from vidquant.outputs import LOCK_FILE, check_output
 from vidquant.progress import progress_bar
 from vidquant.safeio import TensorSpec, read_safetensors
 from vidquant.state import apply
+from vidquant.validation import describe
 
 logger = logging.getLogger(__name__)
 
@@ -327,43 +328,52 @@ def _protocol_diff(a: Path, b: Path) -> str:
     return ", ".join(f"{k} {protocols[0].get(k)} vs {protocols[1].get(k)}" for k in keys) or "fingerprints differ"
 
 
+class FolderInfo(BaseModel):
+    """The schema of a video folder's ``protocol.json``: its protocol, its source and what made the videos."""
+
+    model_config = ConfigDict(extra="allow")
+
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    protocol: dict[str, Any]
+    source: str | None = None  # fingerprint of the base model (and state); None: written before sources existed
+    model: dict[str, Any] = {}  # family, bf16_weight_bytes, weight_bytes, recipe
+
+
+def folder_info(out: str | Path) -> FolderInfo | None:
+    """What ``protocol.json`` of a video folder says (None: no such file), validated."""
+    file = Path(out) / PROTOCOL_FILE
+    if not file.is_file():
+        return None
+    try:
+        return FolderInfo.model_validate(json.loads(file.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: unreadable ({err})") from None
+    except ValidationError as err:
+        raise ValueError(f"{file}: invalid video-folder record: {describe(err)}") from None
+
+
 def _stored_source(out: Path) -> str | None:
-    file = out / PROTOCOL_FILE
-    return json.loads(file.read_text()).get("source") if file.is_file() else None
+    info = folder_info(out)
+    return None if info is None else info.source
 
 
 def _claim(out: Path, protocol: Protocol, records: list[VideoRecord], source: str | None,
            model_info: dict | None) -> None:
     """Record the directory's protocol and source, or refuse one made under another protocol or source."""
     fingerprint = protocol.fingerprint()
-    file = out / PROTOCOL_FILE
-    stored = {json.loads(file.read_text())["fingerprint"]} if file.is_file() else set()
-    stored |= {r.fingerprint for r in records}
+    info = folder_info(out)
+    stored = {r.fingerprint for r in records} | (set() if info is None else {info.fingerprint})
     if stored - {fingerprint}:
         raise ValueError(
             f"{out}: holds videos generated under another protocol than {protocol.model_dump()}; "
             "use another directory or delete it"
         )
-    if file.is_file() and (old := _stored_source(out)) != source:
-        raise ValueError(f"{out}: holds videos of another model or state (source {str(old)[:12]} vs now "
+    if info is not None and info.source != source:
+        raise ValueError(f"{out}: holds videos of another model or state (source {str(info.source)[:12]} vs now "
                          f"{str(source)[:12]}); use another directory or delete it")
-    if not file.is_file():
-        _write_json(file, {"fingerprint": fingerprint, "protocol": protocol.model_dump(mode="json"),
-                           "source": source, "model": model_info or {}})
-
-
-def folder_info(out: str | Path) -> dict:
-    """What ``protocol.json`` of a video folder says made its videos (``model``: weight bytes, ...; may be empty)."""
-    file = Path(out) / PROTOCOL_FILE
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file}: unreadable ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: not a JSON object")
-    return data
+    if info is None:
+        _write_json(out / PROTOCOL_FILE, {"fingerprint": fingerprint, "protocol": protocol.model_dump(mode="json"),
+                                          "source": source, "model": model_info or {}})
 
 
 def _paths(out: Path, name: str, index: int) -> dict[str, Path]:
@@ -396,8 +406,7 @@ def _check_sidecar(sidecar: dict, path: Path) -> Sidecar:
     try:
         return Sidecar.model_validate(sidecar)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'sidecar'}: {e['msg']}" for e in err.errors()[:3])
-        raise ValueError(f"{path}: invalid video sidecar: {problems}") from None
+        raise ValueError(f"{path}: invalid video sidecar: {describe(err)}") from None
 
 
 def _record(sidecar: dict, paths: dict[str, Path]) -> VideoRecord:

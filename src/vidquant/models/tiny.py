@@ -181,7 +181,7 @@ def _build(
     for index, name in enumerate(("transformer", "transformer_2") if two_experts else ("transformer",)):
         generator = torch.Generator(device).manual_seed(seed * 1000 + index)
         expert = empty_expert(config, dtype, device)
-        _init_weights(expert, generator)
+        init_weights(expert, generator)
         if outliers:
             plant_outliers(expert, generator)
         experts[name] = expert
@@ -202,7 +202,7 @@ def _build(
 
 
 @torch.no_grad()
-def _init_weights(model: nn.Module, generator: torch.Generator) -> None:
+def init_weights(model: nn.Module, generator: torch.Generator) -> None:
     """PyTorch-default-like init drawn from one seeded generator, tensor by tensor, in the storage dtype.
 
     Linear/conv weights and biases ~ N(0, 1/(3 fan_in)) (the variance of PyTorch's default uniform),
@@ -210,7 +210,7 @@ def _init_weights(model: nn.Module, generator: torch.Generator) -> None:
     """
     done: set[int] = set()
     for module in model.modules():
-        if isinstance(module, nn.Linear | nn.Conv3d):
+        if isinstance(module, nn.Linear | nn.Conv2d | nn.Conv3d):  # Conv2d: CogVideoX's patch embedding
             std = (3 * module.weight[0].numel()) ** -0.5
             for param in (module.weight, module.bias):
                 if param is not None:

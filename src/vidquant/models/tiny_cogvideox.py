@@ -51,7 +51,6 @@ from diffusers import (
     CogVideoXTransformer3DModel,
     LTXPipeline,
 )
-from torch import nn
 from transformers import T5Config, T5EncoderModel
 
 from vidquant.models.tiny import (
@@ -62,6 +61,7 @@ from vidquant.models.tiny import (
     TIME_RAMP_GAIN,
     TIME_RAMP_MAX,
     VALUE_GAIN,
+    init_weights,
     tiny_tokenizer,
 )
 
@@ -163,34 +163,6 @@ def build_tiny_cogvideox_pipeline(outliers: bool = True, seed: int = 0) -> CogVi
     if outliers:
         plant_outliers(pipe, generator)
     return pipe
-
-
-@torch.no_grad()
-def init_weights(model: nn.Module, generator: torch.Generator) -> None:
-    """PyTorch-default-like init from one seeded generator, tensor by tensor (like `tiny._init_weights`).
-
-    `tiny._init_weights` cannot be reused as is: CogVideoX's patch embedding is a Conv2d, which it rejects.
-    Linear/conv weights and biases ~ N(0, 1/(3 fan_in)), norm affines 1/0; every tensor is checked covered.
-    """
-    done: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, nn.Linear | nn.Conv2d | nn.Conv3d):
-            std = (3 * module.weight[0].numel()) ** -0.5
-            for param in (module.weight, module.bias):
-                if param is not None:
-                    param.normal_(0.0, std, generator=generator)
-                    done.add(id(param))
-        elif isinstance(module, nn.LayerNorm | nn.RMSNorm):
-            for param, value in ((module.weight, 1.0), (getattr(module, "bias", None), 0.0)):
-                if param is not None:
-                    param.fill_(value)
-                    done.add(id(param))
-    for name, param in model.named_parameters():
-        if name.endswith("scale_shift_table"):
-            param.normal_(0.0, param.shape[-1] ** -0.5, generator=generator)
-            done.add(id(param))
-    if missed := [name for name, param in model.named_parameters() if id(param) not in done]:
-        raise RuntimeError(f"no initializer for {missed}")
 
 
 @torch.no_grad()

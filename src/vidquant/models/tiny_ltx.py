@@ -53,7 +53,7 @@ from vidquant.models.tiny import (
     TIME_RAMP_GAIN,
     TIME_RAMP_MAX,
     VALUE_GAIN,
-    _init_weights,
+    init_weights,
     tiny_tokenizer,
 )
 from vidquant.models.tiny_cogvideox import _pick, plant_token_spikes
@@ -148,7 +148,7 @@ def build_tiny_ltx_pipeline(outliers: bool = True, seed: int = 0) -> LTXPipeline
         vae = AutoencoderKLLTXVideo(**TINY_VAE)
         transformer = LTXVideoTransformer3DModel(**TINY_TRANSFORMER)  # default init drawn here, then replaced
     generator = torch.Generator("cpu").manual_seed(seed)
-    _init_weights(transformer, generator)  # tiny.py's init covers every LTX parameter as is
+    init_weights(transformer, generator)
     pipe = LTXPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
         vae=vae.eval(),

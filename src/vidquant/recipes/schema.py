@@ -17,6 +17,7 @@ from vidquant import formats
 from vidquant.methods.smoothing import DEFAULT_EPS
 from vidquant.patterns import compile_pattern
 from vidquant.safeyaml import load_yaml
+from vidquant.validation import describe
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -97,7 +98,7 @@ class Recipe(BaseModel):
         try:
             data["options"] = options_cls.model_validate(section or {})
         except ValidationError as err:
-            raise ValueError("; ".join(_describe(e, method) for e in err.errors())) from None
+            raise ValueError(describe(err, method, limit=10)) from None
         return data
 
     @model_validator(mode="after")
@@ -156,27 +157,9 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise ValueError(f"{source}: invalid recipe: " + "; ".join(_describe(e) for e in err.errors())) from None
+        raise ValueError(f"{source}: invalid recipe: {describe(err, limit=10)}") from None
     logger.debug("loaded recipe '%s' from %s", recipe.name, source)
     return recipe
-
-
-def _describe(error: Any, prefix: str = "") -> str:
-    """One pydantic error as "key: what is wrong (got value)", with the key's dotted path."""
-    key = ".".join(str(part) for part in ((prefix,) if prefix else ()) + tuple(error["loc"]))
-    if error["type"] == "extra_forbidden":
-        return f"unknown key '{key}'"
-    if error["type"] == "missing":
-        return f"missing key '{key}'"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if not key:  # a model-level rule: the message names its keys
-        return message
-    return f"{key}: {message} (got {_short(error['input'])})"
-
-
-def _short(value: Any, limit: int = 200) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # Keys of the svdquant-gptq section that recipes and states of vidquant <= 0.1 (state format 2) kept at the top.

@@ -1,0 +1,34 @@
+"""One way to say what a pydantic schema refused: "key: what is wrong (got value)", for every artifact."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+MAX_SHOWN = 200  # characters of an offending value echoed back
+
+
+def describe_error(error: Any, prefix: str = "") -> str:
+    """One pydantic error as "key: what is wrong (got value)", with the key's dotted path."""
+    key = ".".join(str(part) for part in ((prefix,) if prefix else ()) + tuple(error["loc"]))
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    if error["type"] == "missing":
+        return f"missing key '{key}'"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not key:  # a model-level rule: the message names its keys
+        return message
+    return f"{key}: {message} (got {_short(error['input'])})"
+
+
+def describe(err: ValidationError, prefix: str = "", limit: int = 5) -> str:
+    """The first ``limit`` problems of a ValidationError, joined."""
+    problems = [describe_error(e, prefix) for e in err.errors()]
+    more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
+    return "; ".join(problems[:limit]) + more
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "..."
