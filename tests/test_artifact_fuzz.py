@@ -10,7 +10,7 @@ import json
 import shutil
 import signal
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -169,11 +169,8 @@ def check_recipe(tmp_path: Path, name: str, edit) -> None:
     text = (Path(vidquant.__file__).parent / "recipes" / f"{name}.yaml").read_bytes()
     path = tmp_path / "r.yaml"
     path.write_bytes(edit(text))
-    with no_hang():
-        try:
-            load_recipe(path)
-        except ValueError:
-            pass
+    with no_hang(), suppress(ValueError):
+        load_recipe(path)
 
 
 def check_inspect(artifacts, tmp_path: Path, which: str, file: str, edit) -> None:

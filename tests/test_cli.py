@@ -100,7 +100,8 @@ def test_each_stage_is_a_command(tmp_path: Path) -> None:
 
 def test_bad_values_are_refused_up_front(tmp_path: Path) -> None:
     cases = [
-        (["calibrate", "--model", "tiny", "--out", str(tmp_path / "s"), "--frames", "0"], "--frames must be at least 1"),
+        (["calibrate", "--model", "tiny", "--out", str(tmp_path / "s"), "--frames", "0"],
+         "--frames must be at least 1"),
         (["calibrate", "--model", "tiny", "--out", str(tmp_path / "s"), "--cfg", "nan"], "cfg"),
         (["calibrate", "--model", "tiny", "--out", str(tmp_path / "s"), "--cfg", "-1"], "cfg"),
         (["calibrate", "--model", "tiny", "--out", str(tmp_path / "s"), "--num-prompts", "100"],

@@ -140,9 +140,7 @@ def _calibrate_loop(model: Any, loop: ForwardLoop, settings: CalibSettings, out:
     adapter = adapter_for(model)
     stats = new_stats(model, settings, None, adapter.device(), prompts=False)
     with collecting(stats, adapter):
-        data_hash = run_loop(model, loop)
-    stats.meta["prompt_set_hash"] = None
-    stats.meta["data_hash"] = data_hash
+        stats.meta["data_hash"] = run_loop(model, loop)
     if not any(int(obs.tokens.sum()) for observers in stats.inputs.values() for obs in observers.values()):
         raise ValueError("the forward loop never called the model's Linears: nothing was calibrated")
     if out is not None:

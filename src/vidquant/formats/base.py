@@ -41,8 +41,8 @@ class Format(ABC):
     """A numeric format: how a tensor is turned into codes and back.
 
     Subclasses implement the row-level numerics (`_encode_rows`, `_decode_rows`, `_pack_rows`,
-    `_unpack_rows`) and may override `_qdq_rows` with a fast path that must agree bit for bit with
-    ``decode(encode(x))``.
+    `_unpack_rows`) and may override `_qdq_rows` and `_decode_rows_as` with fast paths that must agree bit
+    for bit with ``decode(encode(x))`` and ``_decode_rows(...).to(dtype)``.
     """
 
     name: str
@@ -71,7 +71,7 @@ class Format(ABC):
         if enc.format != self.name:
             raise ValueError(f"cannot decode a '{enc.format}' encoding with format '{self.name}'")
         k = enc.shape[enc.dim]
-        rows = self._decode_rows(enc.codes, enc.meta, k).to(enc.dtype)
+        rows = self._decode_rows_as(enc.codes, enc.meta, k, enc.dtype)
         return _from_rows(rows, torch.Size(enc.shape), enc.dim)
 
     def pack(self, enc: Encoded) -> Tensor:
@@ -129,6 +129,10 @@ class Format(ABC):
     @abstractmethod
     def packed_nbytes(self, n_rows: int, k: int) -> int:
         """Bytes `pack` writes for ``n_rows`` rows of ``k`` values."""
+
+    def _decode_rows_as(self, codes: Tensor, meta: dict[str, Tensor], k: int, dtype: torch.dtype) -> Tensor:
+        """`_decode_rows` in ``dtype``: a fast path may write ``dtype`` directly (rounding as ``Tensor.to`` does)."""
+        return self._decode_rows(codes, meta, k).to(dtype)
 
     def _qdq_rows(self, rows: Tensor) -> Tensor:
         return self._decode_rows(*self._encode_rows(rows), rows.shape[-1]).to(rows.dtype)

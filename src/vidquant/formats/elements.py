@@ -38,6 +38,11 @@ class ElementGrid:
         return math.floor(math.log2(self.max_value))
 
     @property
+    def kernel_grid(self) -> tuple[int, int, float]:
+        """``(man_bits, min_exp, max_value)``: the grid as the numba kernels take it (`kernels.round_grid`)."""
+        return self.man_bits, 1 - self.bias, self.max_value
+
+    @property
     def sign_bit(self) -> int:
         return 1 << (self.bits - 1)
 

@@ -8,6 +8,10 @@ underflows) gets scale 1.0, which leaves its values to round to +-0. Inf/NaN inp
 
 Packing (flat uint8, rows one after another): the row's K element bytes (the standard OCP FP8 bytes,
 bit 7 = sign), then its fp32 scale as 4 little-endian bytes.
+
+The torch ops here are the reference and serve every device; on the CPU, `quantize_dequantize` and `decode`
+run fused numba kernels (`kernels.fp8_qdq`, `kernels.decode_blocks`) that tests hold equal to them bit for
+bit (on Inf/NaN input the kernel hands over to the torch path, which raises).
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Format, check_finite_scale
+from . import kernels
+from .base import Format, check_finite_scale, use_cpu_kernels
 from .elements import E4M3, E5M2, ElementGrid, div_scalar
+from .kernels import decode_blocks, every_byte, kernel_array
 from .packing import bytes_float, float_bytes, pack_blocks, unpack_blocks
 from .registry import register
 
@@ -42,6 +48,11 @@ class FP8Format(Format):
     def _decode_rows(self, codes: Tensor, meta: dict[str, Tensor], k: int) -> Tensor:
         return self.grid.value(codes) * meta["scale"]
 
+    def _decode_rows_as(self, codes: Tensor, meta: dict[str, Tensor], k: int, dtype: torch.dtype) -> Tensor:
+        if not use_cpu_kernels(codes):
+            return super()._decode_rows_as(codes, meta, k, dtype)
+        return decode_blocks(codes, self.grid.value(every_byte()), meta["scale"], k, k, dtype)
+
     def _pack_rows(self, codes: Tensor, meta: dict[str, Tensor]) -> Tensor:
         return pack_blocks(codes.unsqueeze(1), float_bytes(meta["scale"]))
 
@@ -51,6 +62,13 @@ class FP8Format(Format):
 
     def packed_nbytes(self, n_rows: int, k: int) -> int:
         return n_rows * (k + SCALE_BYTES)
+
+    def _qdq_rows(self, rows: Tensor) -> Tensor:
+        if use_cpu_kernels(rows):
+            out = torch.empty_like(rows)
+            if kernels.fp8_qdq(kernel_array(rows), kernel_array(out), self.grid.kernel_grid):
+                return out
+        return super()._qdq_rows(rows)  # also where the kernel met Inf/NaN: the torch path raises the error
 
 
 def _fp8(name: str, grid: ElementGrid) -> FP8Format:

@@ -7,7 +7,8 @@ The conversion is the challenge simulator's "v14" algorithm, steps 1-8 of format
 Two implementations of the one algorithm, which the tests hold equal bit for bit:
 - torch ops (`unit_metadata`, `round_elements`, `element_values`): any device; encode, decode,
   and the GPTQ quantizer reuse them;
-- a numba kernel (`_qdq_kernel`): quantize_dequantize on the CPU in one pass over memory.
+- numba kernels (`kernels.hif4_qdq`, `kernels.hif4_decode`): quantize_dequantize and decode on the CPU
+  in one pass over memory.
 
 Packing (the hardware order, fixed by formats.md): per unit 32 element bytes (low nibble = even
 element; nibble = bit3 sign, bits2:0 code) then 4 metadata bytes ``[Ea, Eb, Ec_lo, Ec_hi]`` with the
@@ -18,15 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numba
-import numpy as np
 import torch
-from numba import prange
-from numba.core import types
-from numba.extending import overload
 from torch import Tensor
 
+from . import kernels
 from .base import ColumnQuantizer, Format, pad_rows, use_cpu_kernels
+from .kernels import every_byte, kernel_array
 from .minifloat import floor_log2, pow2, round_half, round_to_minifloat
 from .packing import pack_elements, unpack_elements
 from .registry import register
@@ -140,6 +138,17 @@ class HiF4Format(Format):
         p = element_exponents(meta["eb"].float(), meta["ec"].float())
         return code_values(codes.unflatten(-1, (-1, UNIT)), s, p).flatten(-2)[:, :k]
 
+    def _decode_rows_as(self, codes: Tensor, meta: dict[str, Tensor], k: int, dtype: torch.dtype) -> Tensor:
+        if not use_cpu_kernels(codes):
+            return super()._decode_rows_as(codes, meta, k, dtype)
+        n, units = codes.shape[0], -(-k // UNIT)
+        layout = {"scale": (n, units), "eb": (n, units, 8), "ec": (n, units, 16)}
+        kernels.check_layout(codes, k, {key: (meta[key], shape) for key, shape in layout.items()})
+        out = torch.empty(n, k, dtype=dtype)
+        arrays = [t.contiguous().numpy() for t in (codes, meta["scale"], meta["eb"], meta["ec"])]
+        kernels.hif4_decode(*arrays, scale_value(every_byte()).numpy(), kernel_array(out))
+        return out
+
     def _pack_rows(self, codes: Tensor, meta: dict[str, Tensor]) -> Tensor:
         elements = pack_elements(codes.unflatten(-1, (-1, UNIT)), bits=4)  # (R, U, 32)
         eb = _bits_to_mask(meta["eb"])
@@ -167,16 +176,9 @@ class HiF4Format(Format):
     def _qdq_rows(self, rows: Tensor) -> Tensor:
         if not use_cpu_kernels(rows):
             return super()._qdq_rows(rows)
-        rows = rows.detach()
-        if rows.dtype == torch.bfloat16:
-            src = rows.view(torch.int16).numpy().view(np.uint16)
-            out = np.empty_like(src)
-            _qdq_kernel(src, out, _RECIPROCALS)
-            return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
-        x32 = rows.float()
-        out32 = torch.empty_like(x32)
-        _qdq_kernel(x32.numpy(), out32.numpy(), _RECIPROCALS)
-        return out32.to(rows.dtype)
+        out = torch.empty_like(rows)
+        kernels.hif4_qdq(kernel_array(rows), kernel_array(out), _RECIPROCALS, INV7, SCALE_MIN, SCALE_MAX)
+        return out
 
 
 class HiF4Columns(ColumnQuantizer):
@@ -209,105 +211,9 @@ class HiF4Columns(ColumnQuantizer):
         return code_values(codes, self._s[:, unit], p)
 
 
-# ---- numba kernel: the same steps, fused per unit ---------------------------------------------------
+# ---- the numba kernel (kernels.hif4_qdq) runs the same steps fused per unit ----------------------------------
 # r = bf16(1/s) depends only on s's mantissa m: bf16(1/(1 + m/4)) · 2^-e (exact scaling by 2^-e).
 _RECIPROCALS = (1.0 / (1.0 + torch.arange(4) / 4)).to(torch.bfloat16).float().numpy()
-_CHUNK = 64  # units per parallel task (amortizes the scratch buffers)
-
-
-def _load(arr, i):  # pragma: no cover - replaced by the overload below inside numba
-    raise NotImplementedError
-
-
-def _store(arr, i, v):  # pragma: no cover
-    raise NotImplementedError
-
-
-@overload(_load)
-def _load_impl(arr, i):
-    if arr.dtype == types.uint16:  # bf16 bits
-        return lambda arr, i: np.uint32(np.uint32(arr[i]) << 16).view(np.float32)
-    return lambda arr, i: arr[i]
-
-
-@overload(_store)
-def _store_impl(arr, i, v):
-    if arr.dtype == types.uint16:  # every HiF4 value is exact in bf16: keep the top half
-        def store_bits(arr, i, v):
-            arr[i] = np.uint16(np.float32(v).view(np.uint32) >> np.uint32(16))
-
-        return store_bits
-
-    def store(arr, i, v):
-        arr[i] = v
-
-    return store
-
-
-@numba.njit(inline="always")
-def _pow2f(e):
-    return np.uint32((e + 127) << 23).view(np.float32)
-
-
-@numba.njit(inline="always")
-def _bf16_rne(v):
-    """Round a positive finite fp32 to bf16 (round to nearest, ties to even)."""
-    bits = np.float32(v).view(np.uint32)
-    bits = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-    return np.uint32(bits).view(np.float32)
-
-
-@numba.njit(parallel=True, cache=True)
-def _qdq_kernel(src, dst, reciprocals):
-    """quantize_dequantize of rows ``src`` (R, K) into ``dst``: steps 1-8 per unit, fused."""
-    n_rows, k = src.shape
-    units = (k + UNIT - 1) // UNIT
-    total = n_rows * units
-    f0, half, four, two = np.float32(0), np.float32(0.5), np.float32(4), np.float32(2)
-    for chunk in prange((total + _CHUNK - 1) // _CHUNK):
-        m4 = np.empty(16, np.float32)
-        g = np.empty(16, np.float32)  # per 4-element sub-block: 2^-(Eb+Ec) · r (step 7)
-        h = np.empty(16, np.float32)  # per 4-element sub-block: 2^(Eb+Ec) · s / 4 (step 8)
-        for job in range(chunk * _CHUNK, min(total, (chunk + 1) * _CHUNK)):
-            row, start = job // units, (job % units) * UNIT
-            n = min(UNIT, k - start)
-            x, y = src[row, start:start + n], dst[row, start:start + n]
-            has_nan = False
-            for j in range(16):  # step 1
-                m = f0
-                for i in range(4 * j, min(4 * j + 4, n)):
-                    a = abs(_load(x, i))
-                    has_nan |= a != a
-                    if a > m:
-                        m = a
-                m4[j] = m
-            if has_nan:
-                for i in range(n):
-                    _store(y, i, np.float32(np.nan))
-                continue
-            m64 = f0
-            for j in range(16):
-                m64 = max(m64, m4[j])
-            sf = _bf16_rne(min(max(np.float32(m64 * np.float32(INV7)), np.float32(SCALE_MIN)),
-                               np.float32(SCALE_MAX)))  # step 2
-            e = np.int32((np.float32(sf).view(np.uint32) >> np.uint32(23)) & np.uint32(0xFF)) - 127
-            q = np.int32(np.rint(sf * _pow2f(2 - e)))  # step 3: 4..8
-            if q == 8:
-                q, e = 4, e + 1
-            r = np.float32(reciprocals[q - 4]) * _pow2f(-e)  # step 4
-            for b in range(8):  # steps 5-6
-                eb = 1 if max(m4[2 * b], m4[2 * b + 1]) * r >= four else 0
-                for j in (2 * b, 2 * b + 1):
-                    v = m4[j] * r
-                    if eb:
-                        v = v * half
-                    p = eb + (1 if v >= two else 0)
-                    g[j] = _pow2f(-p) * r
-                    h[j] = np.float32(q) * _pow2f(e - 4 + p)
-            for i in range(n):  # steps 7-8
-                xv = _load(x, i)
-                c = np.int32(min(four * (abs(xv) * g[i >> 2]) + half, np.float32(7.5)))
-                _store(y, i, np.float32(np.copysign(np.float32(c) * h[i >> 2], xv)))
 
 
 register(HiF4Format(

@@ -12,6 +12,10 @@ per group, the element bytes (INT8: one two's-complement byte each; INT4: a 4-bi
 nibble each, two per byte, low nibble = even element, an odd last one paired with 0), then the scale
 (per channel: the row's K elements then 4 bytes of fp32; per 64: 64 or 32 element bytes then 2 bytes of
 fp16; little-endian).
+
+The torch ops here are the reference and serve every device; on the CPU, `quantize_dequantize` and `decode`
+run fused numba kernels (`kernels.int_qdq`, `kernels.decode_blocks`) that tests hold equal to them bit for
+bit (where the torch path raises, the kernel hands over to it).
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import ColumnQuantizer, Format, check_finite_scale, pad_rows
+from . import kernels
+from .base import ColumnQuantizer, Format, check_finite_scale, pad_rows, use_cpu_kernels
 from .elements import div_scalar
+from .kernels import decode_blocks, every_byte, kernel_array
 from .packing import bytes_float, float_bytes, pack_blocks, pack_elements, unpack_blocks, unpack_elements
 from .registry import register
 
@@ -81,6 +87,12 @@ class IntFormat(Format):
         q = self.code_values(codes).reshape(*scale.shape, -1)
         return (q * scale.float().unsqueeze(-1)).reshape(codes.shape[0], -1)[:, :k]
 
+    def _decode_rows_as(self, codes: Tensor, meta: dict[str, Tensor], k: int, dtype: torch.dtype) -> Tensor:
+        if not use_cpu_kernels(codes):
+            return super()._decode_rows_as(codes, meta, k, dtype)
+        table = self.code_values(every_byte())
+        return decode_blocks(codes, table, meta["scale"].float(), self.block_size or k, k, dtype)
+
     def column_quantizer(self, weight: Tensor) -> IntColumns:
         return IntColumns(self, weight)
 
@@ -109,6 +121,14 @@ class IntFormat(Format):
 
     def _element_bytes(self, group_len: int) -> int:
         return -(-group_len * self.bits // 8)
+
+    def _qdq_rows(self, rows: Tensor) -> Tensor:
+        if use_cpu_kernels(rows):
+            out = torch.empty_like(rows)
+            group = self.block_size or rows.shape[1]
+            if kernels.int_qdq(kernel_array(rows), kernel_array(out), group, self.qmax, self.block_size is not None):
+                return out
+        return super()._qdq_rows(rows)  # also where the kernel met Inf/NaN or an fp16 scale overflow: it raises
 
 
 class IntColumns(ColumnQuantizer):

@@ -15,6 +15,9 @@ Packing (flat uint8, rows one after another, each row's blocks in order, the tai
 per 32-value block, the element bytes then the E8M0 scale byte. MXFP4 elements go two per byte, low
 nibble = even element, nibble = bit 3 sign + 3-bit E2M1 magnitude code (2 exponent bits, 1 mantissa
 bit): 16 + 1 = 17 bytes per block. MXFP8 elements are their OCP FP8 bytes: 32 + 1 = 33 bytes per block.
+
+The torch ops here are the reference and serve every device; on the CPU, `quantize_dequantize` and `decode`
+run fused numba kernels (`kernels.mx_qdq`, `kernels.decode_blocks`) that tests hold equal to them bit for bit.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import ColumnQuantizer, Format, pad_rows
+from . import kernels
+from .base import ColumnQuantizer, Format, pad_rows, use_cpu_kernels
 from .elements import E2M1, E4M3, E5M2, ElementGrid
+from .kernels import decode_blocks, every_byte, kernel_array
 from .minifloat import Ties, floor_log2
 from .packing import pack_blocks, pack_elements, unpack_blocks, unpack_elements
 from .registry import register
@@ -72,6 +77,12 @@ class MXFormat(Format):
         elements = self.grid.value(codes).reshape(n, -1, BLOCK)
         return (elements * e8m0_value(meta["scale"]).unsqueeze(-1)).reshape(n, -1)[:, :k]
 
+    def _decode_rows_as(self, codes: Tensor, meta: dict[str, Tensor], k: int, dtype: torch.dtype) -> Tensor:
+        if not use_cpu_kernels(codes):
+            return super()._decode_rows_as(codes, meta, k, dtype)
+        scale = e8m0_value(every_byte())[meta["scale"].long()]
+        return decode_blocks(codes, self.grid.value(every_byte()), scale, BLOCK, k, dtype)
+
     def _pack_rows(self, codes: Tensor, meta: dict[str, Tensor]) -> Tensor:
         elements = pack_elements(codes, self.grid.bits).reshape(codes.shape[0], -1, self.element_bytes)
         return pack_blocks(elements, meta["scale"].unsqueeze(-1))
@@ -87,6 +98,14 @@ class MXFormat(Format):
 
     def column_quantizer(self, weight: Tensor) -> MXColumns:
         return MXColumns(self, weight)
+
+    def _qdq_rows(self, rows: Tensor) -> Tensor:
+        if not use_cpu_kernels(rows):
+            return super()._qdq_rows(rows)
+        out = torch.empty_like(rows)
+        kernels.mx_qdq(kernel_array(rows), kernel_array(out), BLOCK, self.grid.kernel_grid, self.grid.emax,
+                       self.ties == "away")
+        return out
 
 
 class MXColumns(ColumnQuantizer):

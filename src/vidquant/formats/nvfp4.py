@@ -14,6 +14,10 @@ Packing (flat uint8, rows one after another, each row's blocks in order, the tai
 per 16-value block, 8 element bytes (two per byte, low nibble = even element, nibble = bit 3 sign +
 3-bit E2M1 magnitude code) then the UE4M3 scale byte: 9 bytes per block. ``nvfp4`` appends the 4-byte
 fp32 tensor scale (little-endian) at the very end. ``meta["tensor_scale"]`` repeats it on every row.
+
+The torch ops here are the reference and serve every device; on the CPU, `quantize_dequantize` and `decode`
+run fused numba kernels (`kernels.nvfp4_qdq`, `kernels.decode_blocks`) that tests hold equal to them bit for
+bit (on Inf/NaN input the kernel hands over to the torch path, which raises).
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import ColumnQuantizer, Format, check_finite_scale, pad_rows
+from . import kernels
+from .base import ColumnQuantizer, Format, check_finite_scale, pad_rows, use_cpu_kernels
 from .elements import E2M1, E4M3, div_scalar
+from .kernels import decode_blocks, every_byte, kernel_array
 from .packing import bytes_float, float_bytes, pack_blocks, pack_elements, unpack_blocks, unpack_elements
 from .registry import register
 
@@ -69,6 +75,14 @@ class NVFP4Format(Format):
         elements = E2M1.value(codes).reshape(n, -1, BLOCK)
         return (elements * s.unsqueeze(-1)).reshape(n, -1)[:, :k]
 
+    def _decode_rows_as(self, codes: Tensor, meta: dict[str, Tensor], k: int, dtype: torch.dtype) -> Tensor:
+        if not use_cpu_kernels(codes):
+            return super()._decode_rows_as(codes, meta, k, dtype)
+        s = E4M3.value(every_byte())[meta["scale"].long()]
+        if self.tensor_scale:
+            s = s * meta["tensor_scale"]
+        return decode_blocks(codes, E2M1.value(every_byte()), s, BLOCK, k, dtype)
+
     def _pack_rows(self, codes: Tensor, meta: dict[str, Tensor]) -> Tensor:
         elements = pack_elements(codes, 4).reshape(codes.shape[0], -1, ELEMENT_BYTES)
         data = pack_blocks(elements, meta["scale"].unsqueeze(-1))
@@ -92,6 +106,14 @@ class NVFP4Format(Format):
     def packed_nbytes(self, n_rows: int, k: int) -> int:
         blocks = n_rows * (self.padded(k) // BLOCK) * (ELEMENT_BYTES + 1)
         return blocks + (TENSOR_SCALE_BYTES if self.tensor_scale else 0)
+
+    def _qdq_rows(self, rows: Tensor) -> Tensor:
+        if use_cpu_kernels(rows):
+            out = torch.empty_like(rows)
+            if kernels.nvfp4_qdq(kernel_array(rows), kernel_array(out), BLOCK, self.tensor_scale, E2M1.kernel_grid,
+                                 E4M3.kernel_grid):
+                return out
+        return super()._qdq_rows(rows)  # also where the kernel met Inf/NaN: the torch path raises the error
 
 
 def block_scale(amax: Tensor, g: Tensor) -> Tensor:
