@@ -30,6 +30,7 @@ from .atomic import atomic_path
 from .checksum import check_seal, file_sha256, hash_tensor, seal, tensor_sha256
 from .models import adapter_for, split_name
 from .nn import QuantLinear, StepContext, check_tensors, swap
+from .nn.quant_linear import RUNTIMES
 from .outputs import check_output
 from .recipes import Recipe
 from .safeio import TensorSpec, read_safetensors
@@ -259,28 +260,35 @@ def verify(model: Any, state: PTQState) -> list[tuple[str, nn.Linear, LayerState
     return targets
 
 
-def apply(model: Any, state: PTQState) -> None:
+def apply(model: Any, state: PTQState, runtime: str = "auto", tile_rows: int | None = None) -> None:
     """Quantize ``model`` in place under ``state``: every listed Linear becomes a `QuantLinear`.
 
-    `verify` runs first, before any module changes; the model's adapter then publishes each expert call's
-    timestep bin to that expert's quantized layers (per-bin clip ratios).
+    ``runtime``: "packed" keeps each weight in its format's bytes and decodes it per call (``tile_rows`` rows
+    at a time; None: whole), so the process really holds fewer bytes; "fake" keeps the dense dequantized weight
+    (the simulation); "auto" packs every weight format below 16 bits. The base Linears' weights are released
+    as their layers are swapped. `verify` runs first, before any module changes; the model's adapter then
+    publishes each expert call's timestep bin to that expert's quantized layers (per-bin clip ratios).
     """
+    if runtime not in ("auto", *RUNTIMES):
+        raise ValueError(f"runtime must be 'auto', {' or '.join(map(repr, RUNTIMES))}, got {runtime!r}")
     adapter = adapter_for(model)
     targets = verify(model, state)
     contexts = {expert: StepContext() for expert in adapter.experts()}
     experts = adapter.experts()
     for name, module, layer in targets:
         expert, module_name = split_name(name)
-        swap(experts[expert], module_name, quant_linear(module, layer, contexts[expert], name))
+        chosen = runtime if runtime != "auto" else (
+            "packed" if formats.get(layer.weight_format).bits_per_value < 16 else "fake")
+        swap(experts[expert], module_name, quant_linear(module, layer, contexts[expert], name, chosen, tile_rows))
     adapter.publish_bins(state.timestep_bins, lambda expert, b: setattr(contexts[expert], "timestep_bin", b))
     logger.info("applied a PTQ state: %d Linears quantized", len(targets))
 
 
 def quant_linear(module: nn.Linear, layer: LayerState, context: StepContext | None = None,
-                 name: str = "layer") -> QuantLinear:
+                 name: str = "layer", runtime: str = "fake", tile_rows: int | None = None) -> QuantLinear:
     """The `QuantLinear` that ``layer`` makes of the base Linear ``module`` (on its device)."""
     return QuantLinear.from_state(module, layer.weight_format, layer.act_format, layer.tensors, context=context,
-                                  name=name)
+                                  name=name, runtime=runtime, tile_rows=tile_rows)
 
 
 def checkpoint_of(directory: str | Path) -> Path:

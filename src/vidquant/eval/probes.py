@@ -136,28 +136,32 @@ class WeightBytes(NamedTuple):
 def weight_bytes(model) -> WeightBytes:
     """Bytes of every expert's weights: at BF16 (2 per parameter) and as stored.
 
-    Stored: a `QuantLinear` weight counts its packed size in its format (`packed_nbytes`, scales
-    included; BF16 when it has no weight format) plus its bias and its parts' tensors; every
-    other parameter counts at BF16 too, the deployment dtype, so that a pipeline run in fp32 (on a CPU)
-    is not compared at 4 bytes per value against a 2-byte reference. The BF16 figure is the same before
-    and after quantization, since a `QuantLinear` keeps a weight parameter of the original shape.
+    Stored: a `QuantLinear` weight counts its size in its format (the bytes it holds under the packed runtime,
+    `packed_nbytes` under the fake one, scales included; BF16 when it has no weight format) plus its bias and
+    its parts' tensors; every other parameter counts at BF16 too, the deployment dtype, so that a pipeline run
+    in fp32 (on a CPU) is not compared at 4 bytes per value against a 2-byte reference. The BF16 figure is the
+    same before and after quantization (a `QuantLinear` counts its weight's shape, held or not).
     """
     bf16 = stored = 0
     for expert in adapter_for(model).experts().values():
-        bf16 += 2 * sum(p.numel() for p in expert.parameters())
         seen: set[int] = set()
         for module in expert.modules():
             if isinstance(module, QuantLinear):
                 stored += _quant_linear_bytes(module)
-                seen.update(id(t) for t in (*module.parameters(), *module.buffers()))
-        stored += sum(2 * p.numel() for p in expert.parameters() if id(p) not in seen)
+                bf16 += 2 * module.out_features * module.in_features
+                seen.update(id(t) for t in module.buffers())
+                seen.update(id(p) for p in module.parameters() if p is not module.bias)
+        rest = sum(2 * p.numel() for p in expert.parameters() if id(p) not in seen)
+        bf16 += rest
+        stored += rest
     return WeightBytes(bf16, stored)
 
 
 def _quant_linear_bytes(module: QuantLinear) -> int:
-    if module.weight_format is None:
+    if module.packed is not None:
+        weight = module.packed.nbytes()
+    elif module.weight_format is None:
         weight = 2 * module.weight.numel()
     else:
         weight = formats.get(module.weight_format).packed_nbytes(module.out_features, module.in_features)
-    bias = 0 if module.bias is None else 2 * module.bias.numel()  # deployed in BF16
-    return weight + bias + sum(part.deployed_nbytes() for part in module.modules() if isinstance(part, Part))
+    return weight + sum(part.deployed_nbytes() for part in module.modules() if isinstance(part, Part))

@@ -217,8 +217,8 @@ class ActQuantizer(Part):
 class PackedWeight(Part):
     """The residual weight already on the weight format's grid (GPTQ's rounding), as the format's bytes.
 
-    Decoded once into the dense fake-quantized weight, used as is: quantizing it again would move it
-    (HiF4's rounding is not idempotent).
+    Used as is (quantizing it again would move it: HiF4's rounding is not idempotent): decoded once into the
+    dense weight under the fake runtime, kept as bytes under the packed one (`nn.packed`).
     """
 
     tensor_names = ("weight_packed",)
@@ -232,11 +232,6 @@ class PackedWeight(Part):
         if packed.dtype != torch.uint8 or packed.numel() != expected:
             raise ValueError(f"weight_packed must hold {expected} uint8 bytes of {weight_format} for a "
                              f"{out_features}x{in_features} weight, got {packed.numel()} {packed.dtype}")
-
-    @staticmethod
-    def decode(packed: Tensor, weight_format: str, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
-        fmt = formats.get(weight_format)
-        return fmt.decode(fmt.unpack(packed, shape, -1, dtype))
 
 
 def format_of(name: str | None, what: str) -> Format | None:

@@ -11,24 +11,29 @@ quantizes the activation (`parts.ActQuantizer`). The arithmetic is `methods.smoo
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vidquant.methods.smoothing import fold_weight
+from vidquant import formats
+from vidquant.formats import Encoded
+from vidquant.methods.smoothing import residual_weight
+from vidquant.nn.packed import PackedLinearWeight
 from vidquant.nn.parts import (
     ActQuantizer,
     ChannelMask,
     InputTransform,
     LowRankBranch,
-    PackedWeight,
     StepContext,
     check_tensors,
     format_of,
 )
 
 logger = logging.getLogger(__name__)
+
+RUNTIMES = ("fake", "packed")  # the dense fake-quantized weight, or the format's bytes decoded per call
 
 
 class QuantLinear(nn.Module):
@@ -55,6 +60,9 @@ class QuantLinear(nn.Module):
         quantized_weight: Tensor | None = None,
         transforms: list[InputTransform] | None = None,
         context: StepContext | None = None,
+        runtime: str = "fake",
+        encoded_weight: Encoded | None = None,
+        tile_rows: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(linear, nn.Linear):
@@ -75,32 +83,59 @@ class QuantLinear(nn.Module):
             LowRankBranch.check({"lowrank_down": down, "lowrank_up": up}, self.out_features, self.in_features, None)
             self.lowrank = LowRankBranch(down, up, device, weight.dtype)
         wfmt = format_of(weight_format, "weight_format")
-        if quantized_weight is not None:
-            weight = _check_quantized(quantized_weight, weight, weight_format)
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        self.packed = None
+        if runtime == "packed":
+            if wfmt is None:
+                raise ValueError("the packed runtime needs a weight format (a BF16 weight has nothing to pack)")
+            if encoded_weight is None:
+                if quantized_weight is not None:
+                    raise ValueError("the packed runtime takes the weight's encoding (encoded_weight), not its "
+                                     "dequantized values: re-encoding them would move some (HiF4 is not idempotent)")
+                encoded_weight = wfmt.encode(self._folded_residual(weight))
+            encoded_weight = replace(encoded_weight, dtype=weight.dtype)  # decoded straight into the layer's dtype
+            self.packed = PackedLinearWeight(encoded_weight, tile_rows)
+            self.register_parameter("weight", None)  # the dense weight is never kept (see `dense_weight`)
+        elif quantized_weight is not None:
+            self.weight = nn.Parameter(_check_quantized(quantized_weight, weight, weight_format), requires_grad=False)
         elif len(self.transforms) or self.lowrank is not None or wfmt is not None:
-            folded = weight.to(torch.promote_types(weight.dtype, torch.float32))
-            for t in self.transforms:
-                folded = t.fold(folded)
-            factors = None if self.lowrank is None else self.lowrank.factors()
-            weight = fold_weight(folded, None, wfmt, factors).to(weight.dtype)
-        self.weight = nn.Parameter(weight, requires_grad=False)
+            folded = self._folded_residual(weight)
+            self.weight = nn.Parameter((folded if wfmt is None else wfmt.quantize_dequantize(folded)).to(weight.dtype),
+                                       requires_grad=False)
+        else:
+            self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = linear.bias
+
+    def _folded_residual(self, weight: Tensor) -> Tensor:
+        """``fold(W) - up · down`` in fp32 or wider: what the weight format rounds (`smoothing.residual_weight`)."""
+        folded = weight.to(torch.promote_types(weight.dtype, torch.float32))
+        for t in self.transforms:
+            folded = t.fold(folded)
+        return residual_weight(folded, None, None if self.lowrank is None else self.lowrank.factors())
 
     @classmethod
     def from_state(cls, linear: nn.Linear, weight_format: str | None, act_format: str | None,
-                   tensors: dict[str, Tensor], *, context: StepContext | None = None,
-                   name: str = "layer") -> QuantLinear:
+                   tensors: dict[str, Tensor], *, context: StepContext | None = None, name: str = "layer",
+                   runtime: str = "fake", tile_rows: int | None = None) -> QuantLinear:
         """The layer a state's named tensors make of the base Linear (each validated by its owning part)."""
         check_tensors(tensors, linear.out_features, linear.in_features, weight_format, name)
         device = linear.weight.device
         to = {k: v.to(device) for k, v in tensors.items()}
-        quantized = None
+        quantized = encoded = None
         if "weight_packed" in to:
-            quantized = PackedWeight.decode(to["weight_packed"], weight_format, tuple(linear.weight.shape),
-                                            linear.weight.dtype)
+            fmt, shape, dtype = formats.get(weight_format), tuple(linear.weight.shape), linear.weight.dtype
+            encoded = fmt.unpack(to["weight_packed"], shape, -1, dtype)
+            if runtime == "fake":
+                quantized, encoded = fmt.decode(encoded), None
         lowrank = (to["lowrank_down"], to["lowrank_up"]) if "lowrank_down" in to else None
         return cls(linear, weight_format, act_format, mask=to.get("mask"), act_clip=to.get("act_clip"),
-                   lowrank=lowrank, quantized_weight=quantized, context=context)
+                   lowrank=lowrank, quantized_weight=quantized, context=context, runtime=runtime,
+                   encoded_weight=encoded, tile_rows=tile_rows)
+
+    def dense_weight(self) -> Tensor:
+        """The dequantized weight the layer multiplies by (decoded from its bytes under the packed runtime)."""
+        return self.weight if self.packed is None else self.packed.dense()
 
     # read-only views of the parts' tensors, for inspection and size accounting
     @property
@@ -136,7 +171,8 @@ class QuantLinear(nn.Module):
         v = x.to(torch.promote_types(x.dtype, torch.float32))
         for t in self.transforms:
             v = t(v)
-        y = F.linear(self.act(v).to(x.dtype), self.weight, self.bias)
+        xq = self.act(v).to(x.dtype)
+        y = F.linear(xq, self.weight, self.bias) if self.packed is None else self.packed(xq, self.bias)
         if self.lowrank is not None:  # the branch sees the transformed, unclipped, unquantized input
             xm = x
             for t in self.transforms:
@@ -158,6 +194,7 @@ class QuantLinear(nn.Module):
             parts.append(f"act_clip={values[0] if self.act_clip.dim() == 0 else values}")
         if self.lowrank is not None:
             parts.append(f"rank={self.lowrank.rank}")
+        parts.append(f"runtime={'fake' if self.packed is None else 'packed'}")
         return ", ".join(parts)
 
 
