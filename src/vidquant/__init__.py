@@ -25,6 +25,8 @@ _API = {
     "generate": "vidquant.eval.generate",
     "evaluate": "vidquant.eval.evaluate",
     "report": "vidquant.eval.evaluate",
+    "export": "vidquant.export",
+    "load_quantized": "vidquant.export",
     "load_state": "vidquant.state",
     "PTQState": "vidquant.state",
     "load_stats": "vidquant.calib.stats",

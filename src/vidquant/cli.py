@@ -48,6 +48,17 @@ MODEL_HELP = "A diffusers video pipeline directory or hub id (Wan, CogVideoX, LT
     ", ".join(TINY_MODELS) + "."
 
 
+def _load(model: str, i2v: bool):
+    """A tiny model, a quantized export (``export.json``), or a diffusers pipeline of any family."""
+    from .export import MANIFEST, load_quantized
+
+    if (Path(model) / MANIFEST).is_file():
+        if i2v:
+            raise ValueError("--i2v: a quantized export says itself what it is")
+        return load_quantized(model)
+    return load_model(model, i2v=i2v)
+
+
 def _fail(message: str) -> NoReturn:
     err_console.print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
     raise typer.Exit(2)
@@ -97,7 +108,7 @@ def calibrate(
         _enough(prompt_list, num_prompts, "--num-prompts", prompts)
         if "WORLD_SIZE" in os.environ and not dist.is_initialized():
             dist.init_process_group("gloo")
-        pipe = load_model(model, i2v=i2v)
+        pipe = _load(model, i2v)
         run_calibration(pipe, prompt_list, settings, out)
     except (ValueError, ValidationError) as err:
         _fail(str(err))
@@ -134,7 +145,7 @@ def quantize_cmd(
         calibration = load_stats(stats) if stats else None
         prompt_list = load_prompts(prompts) if prompts else None
         with locked_output(out, STATE_OWNED, "PTQ state"):
-            pipe = load_model(model, i2v=i2v)
+            pipe = _load(model, i2v)
             state = quantize(pipe, the_recipe, calibration, progress=True, prompts=prompt_list, checkpoint=partial,
                              hessian_budget_gb=hessian_budget_gb)
             state.save(out)
@@ -157,7 +168,7 @@ def apply_cmd(
 
     try:
         the_state = load_state(state)
-        pipe = load_model(model, i2v=i2v)
+        pipe = _load(model, i2v)
         before = weight_bytes(pipe)
         apply(pipe, the_state)
         after = weight_bytes(pipe)
@@ -166,6 +177,27 @@ def apply_cmd(
     console.print(f"{state} applies to {model}: {len(the_state.layers)} Linears quantized; transformer weights "
                   f"{before.bf16 / 2**20:.2f} MiB at BF16 -> {after.stored / 2**20:.2f} MiB as stored "
                   f"({100 * after.stored / before.bf16:.1f} %)")
+
+
+@app.command("export")
+def export_cmd(
+    model: str = typer.Option(..., help=MODEL_HELP),
+    state: Path = typer.Option(..., help="A PTQ state directory."),
+    out: Path = typer.Option(..., help="Folder for the self-contained quantized checkpoint."),
+    i2v: bool = typer.Option(False, "--i2v", help="Image-to-video (with 'tiny')."),
+) -> None:
+    """Write a self-contained quantized checkpoint (packed weights, no BF16 base needed to load it)."""
+    from .export import export
+    from .state import load_state
+
+    try:
+        the_state = load_state(state)
+        export(_load(model, i2v), the_state, out)
+    except ValueError as err:
+        _fail(str(err))
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    console.print(f"quantized checkpoint written to {out} ({total / 2**20:.2f} MiB); load it with "
+                  f"`vidquant.load_quantized('{out}')` or `--model {out}`")
 
 
 @app.command("generate")
@@ -194,7 +226,7 @@ def generate_cmd(
         prompt_list = load_prompts(prompts) if prompts else default_prompts()
         _enough(prompt_list, num_prompts, "--num-prompts", prompts)
         the_state = load_state(state) if state else None
-        pipe = load_model(model, i2v=i2v)
+        pipe = _load(model, i2v)
         records = generate(pipe, prompt_list[:num_prompts], protocol, out, state=the_state)
     except (ValueError, ValidationError) as err:
         _fail(str(err))
@@ -343,7 +375,7 @@ def run_cmd(
         settings = CalibSettings(**protocol.model_dump(), num_prompts=len(calib), bins=bins)
         job = Job(load_recipe(recipe), calib, evaluation[:num_prompts], protocol, settings, out, model, vbench,
                   fidelity_prompts)
-        report = run(load_model(model, i2v=i2v), job)
+        report = run(_load(model, i2v), job)
     except (ValueError, ValidationError) as err:
         _fail(str(err))
     console.print(f"report: {report}")

@@ -63,6 +63,7 @@ class QuantLinear(nn.Module):
         runtime: str = "fake",
         encoded_weight: Encoded | None = None,
         tile_rows: int | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(linear, nn.Linear):
@@ -71,7 +72,7 @@ class QuantLinear(nn.Module):
         self.out_features = linear.out_features
         self.weight_format = weight_format
         weight = linear.weight.detach()
-        device = weight.device
+        device = weight.device if device is None else torch.device(device)  # given: a meta base (load_quantized)
         chain = [] if mask is None else [ChannelMask(_as_tensor(mask, "mask"), device)]
         for t in chain:
             t.check(t.state_tensors(), self.out_features, self.in_features, weight_format)
@@ -117,10 +118,15 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_state(cls, linear: nn.Linear, weight_format: str | None, act_format: str | None,
                    tensors: dict[str, Tensor], *, context: StepContext | None = None, name: str = "layer",
-                   runtime: str = "fake", tile_rows: int | None = None) -> QuantLinear:
-        """The layer a state's named tensors make of the base Linear (each validated by its owning part)."""
+                   runtime: str = "fake", tile_rows: int | None = None,
+                   device: torch.device | str | None = None) -> QuantLinear:
+        """The layer a state's named tensors make of the base Linear (each validated by its owning part).
+
+        ``device``: where the layer lives when the base Linear is only a shape (on the meta device): then the
+        state must carry the packed weight and the runtime be packed.
+        """
         check_tensors(tensors, linear.out_features, linear.in_features, weight_format, name)
-        device = linear.weight.device
+        device = linear.weight.device if device is None else torch.device(device)
         to = {k: v.to(device) for k, v in tensors.items()}
         quantized = encoded = None
         if "weight_packed" in to:
@@ -131,7 +137,7 @@ class QuantLinear(nn.Module):
         lowrank = (to["lowrank_down"], to["lowrank_up"]) if "lowrank_down" in to else None
         return cls(linear, weight_format, act_format, mask=to.get("mask"), act_clip=to.get("act_clip"),
                    lowrank=lowrank, quantized_weight=quantized, context=context, runtime=runtime,
-                   encoded_weight=encoded, tile_rows=tile_rows)
+                   encoded_weight=encoded, tile_rows=tile_rows, device=device)
 
     def dense_weight(self) -> Tensor:
         """The dequantized weight the layer multiplies by (decoded from its bytes under the packed runtime)."""
