@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(PIP_LOCAL) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q $(PIP_LOCAL) -e ".[dev]"
+	$(BIN)/python -m pip install -q $(PIP_LOCAL) -e ".[dev,gpu]"  # gpu: triton, whose kernels tests run interpreted
 	touch $(STAMP)
 
 demo: $(STAMP)
