@@ -30,14 +30,15 @@ from vidquant.eval.probes import current_rss, peak_memory
 from vidquant.models import adapter_for, tiny
 from vidquant.recipes import Recipe, plan
 
-CONFIGS = {  # name -> (weight format or None for BF16, runtime)
-    "bf16": (None, None),
-    "hif4 fake": ("hif4", "fake"),
-    "hif4 packed": ("hif4", "packed"),
-    "nvfp4 packed": ("nvfp4", "packed"),
-    "int4_g64 packed": ("int4_g64", "packed"),
-    "hif8 packed": ("hif8", "packed"),
-    "fp8_e4m3 packed": ("fp8_e4m3", "packed"),
+CONFIGS = {  # name -> (weight format or None for BF16, runtime, rows per decoded tile)
+    "bf16": (None, None, None),
+    "hif4 fake": ("hif4", "fake", None),
+    "hif4 packed": ("hif4", "packed", None),
+    "hif4 packed/1024": ("hif4", "packed", 1024),
+    "nvfp4 packed": ("nvfp4", "packed", None),
+    "int4_g64 packed": ("int4_g64", "packed", None),
+    "hif8 packed": ("hif8", "packed", None),
+    "fp8_e4m3 packed": ("fp8_e4m3", "packed", None),
 }
 
 
@@ -68,13 +69,13 @@ def step_inputs(model, tokens: int) -> dict:
 
 
 def child(name: str, tokens: int) -> dict:
-    fmt, runtime = CONFIGS[name]
+    fmt, runtime, tile_rows = CONFIGS[name]
     baseline = current_rss()
     pipe = tiny.build_medium_pipeline(dtype=torch.bfloat16)
     others = sum(t.untyped_storage().nbytes() for c in (pipe.text_encoder, pipe.vae)
                  for t in (*c.parameters(), *c.buffers()))
     if fmt is not None:
-        vidquant.apply(pipe, vidquant.quantize(pipe, recipe(fmt)), runtime=runtime)
+        vidquant.apply(pipe, vidquant.quantize(pipe, recipe(fmt)), runtime=runtime, tile_rows=tile_rows)
     gc.collect()
     model = pipe.transformer
     inputs = step_inputs(model, tokens)

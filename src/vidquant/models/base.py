@@ -276,9 +276,8 @@ def adapter_for(obj: Any) -> ModelAdapter:
     for cls in (*_ADAPTERS, *_FALLBACK):
         if cls.accepts(obj):
             return cls(obj)
-    raise ValueError(f"vidquant has no adapter for a {type(obj).__name__}: pass a supported diffusers pipeline "
-                     f"({', '.join(c.family for c in _ADAPTERS)}) or an nn.Module (e.g. pipe.transformer) with a "
-                     "forward loop")
+    raise ValueError(f"vidquant has no adapter for a {type(obj).__name__} (families: {', '.join(adapter_families())}):"
+                     " pass a supported diffusers pipeline or an nn.Module (e.g. pipe.transformer) with a forward loop")
 
 
 def adapter_families() -> list[str]:
