@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Annotated, Any
 
-from pydantic import ValidationError
+from pydantic import AfterValidator, Field, ValidationError
 
 MAX_SHOWN = 200  # characters of an offending value echoed back
+
+
+def _increasing(edges: list[float]) -> list[float]:
+    if not all(math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+        raise ValueError("timestep-bin edges must be finite and increasing")
+    return edges
+
+
+# Timestep-bin edges of one expert, as statistics and states record them.
+BinEdges = Annotated[list[float], Field(min_length=2), AfterValidator(_increasing)]
 
 
 def describe_error(error: Any, prefix: str = "") -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import numba
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -29,7 +28,7 @@ from ..formats.base import use_cpu_kernels
 from ..methods.smoothing import guarded_range
 from ..models import BRANCHES
 from ..safeio import TensorSpec, read_header, read_safetensors
-from ..validation import describe
+from ..validation import BinEdges, describe
 from . import histogram
 from .histogram import TailHistogram
 from .settings import CalibSettings
@@ -287,14 +286,7 @@ class CalibStats:
 
 class _ExpertMeta(BaseModel):
     observers: dict[str, list[str]] = Field(min_length=1)
-    bin_edges: list[float] = Field(min_length=2)
-
-    @field_validator("bin_edges")
-    @classmethod
-    def _increasing(cls, edges: list[float]) -> list[float]:
-        if not all(math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
-            raise ValueError("timestep-bin edges must be finite and increasing")
-        return edges
+    bin_edges: BinEdges
 
 
 class StatsMeta(BaseModel):
