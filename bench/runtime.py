@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+from quantize import step_inputs
 from timing import median_seconds
 
 import vidquant
@@ -58,14 +59,10 @@ def resident_bytes(pipe, blocks_only: bool = False) -> int:
     return total
 
 
-def step_inputs(model, tokens: int) -> dict:
-    cfg = model.config
-    latent = (1, cfg.in_channels, 4, 8, 2 * (tokens // 16))
-    return {"hidden_states": torch.randn(latent, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16),
-            "timestep": torch.tensor([900.0]),
-            "encoder_hidden_states": torch.randn(1, 512, cfg.text_dim, generator=torch.Generator().manual_seed(1)
-                                                 ).to(torch.bfloat16),
-            "return_dict": False}
+def bf16_step_inputs(model, tokens: int) -> dict:
+    """bench/quantize.py's step inputs, in bf16."""
+    return {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and k != "timestep" else v
+            for k, v in step_inputs(model, tokens).items()}
 
 
 def child(name: str, tokens: int) -> dict:
@@ -78,7 +75,7 @@ def child(name: str, tokens: int) -> dict:
         vidquant.apply(pipe, vidquant.quantize(pipe, recipe(fmt)), runtime=runtime, tile_rows=tile_rows)
     gc.collect()
     model = pipe.transformer
-    inputs = step_inputs(model, tokens)
+    inputs = bf16_step_inputs(model, tokens)
     with torch.no_grad():
         model(**inputs)  # warm-up (allocator, kernels' compilation)
         with peak_memory("cpu") as peak:
