@@ -1,6 +1,6 @@
 """Kernels for the formats beyond the CPU numba paths: Triton (GPU, or its CPU interpreter) and HiF4 on integers.
 
-Importing this package does not import triton; the Triton kernels are built at first use (see `triton_quant`).
+Importing this package does not import triton; the Triton kernels are built at first use (see `triton_device`).
 
     >>> from vidquant.kernels import quantize_dequantize, dequant_linear, hif4_w4a4_gemm
 """
