@@ -17,10 +17,8 @@ Public functions (all take a format name or a `Format`):
 
 Dispatch: a kernel runs when the tensors are on CUDA, or anywhere when ``TRITON_INTERPRET=1`` (Triton's CPU
 interpreter, what the tests use). Otherwise (CPU, no interpreter) the functions compute the same thing with
-torch ops, so that callers work anywhere. Triton is imported at first use, not at import: the interpreter flag
-is read when ``triton.jit`` wraps a function, so the kernels below are plain functions that `_triton` wraps then.
-
-The device code (kernels, the exactness rules they follow, the lazy build) is in `triton_device`.
+torch ops, so that callers work anywhere. Triton is imported at first use, not at import (`triton_device`: the
+kernels, the exactness rules they follow, and the lazy build).
 """
 
 from __future__ import annotations

@@ -11,13 +11,14 @@ from __future__ import annotations
 import functools
 import math
 import string
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch import nn
-from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
 from vidquant.models.wan import WanPipelineLike, empty_expert
 
@@ -199,6 +200,32 @@ def _build(
     if i2v:
         return WanImageToVideoPipeline(**components, image_encoder=None, image_processor=None)
     return WanPipeline(**components)
+
+
+T5_TEXT: dict[str, Any] = {  # a T5 v1.1 encoder (gated GELU), as the T5-XXL of CogVideoX and LTX-Video
+    "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4, "feed_forward_proj": "gated-gelu",
+}
+
+
+def t5_pipeline(pipeline_cls: type, vae: Callable[[], nn.Module], transformer: Callable[[], nn.Module],
+                scheduler: Any, seed: int) -> tuple[Any, torch.Generator]:
+    """A T5-conditioned diffusers video pipeline of deterministic random weights (the tiny CogVideoX and LTX).
+
+    Text encoder, VAE and transformer are drawn in that order from ``seed`` (the global RNG is left as it was),
+    then the transformer is re-initialized from the returned generator, which the caller's outlier planting
+    continues.
+    """
+    tokenizer = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **T5_TEXT))  # pad 0, eos 1 as trained
+        vae_model = vae()
+        transformer_model = transformer()  # default init drawn here, then replaced
+    generator = torch.Generator("cpu").manual_seed(seed)
+    init_weights(transformer_model, generator)
+    pipe = pipeline_cls(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae_model.eval(),
+                        transformer=transformer_model.eval(), scheduler=scheduler)
+    return pipe, generator
 
 
 @torch.no_grad()

@@ -51,7 +51,6 @@ from diffusers import (
     CogVideoXTransformer3DModel,
     LTXPipeline,
 )
-from transformers import T5Config, T5EncoderModel
 
 from vidquant.models.tiny import (
     CORPUS,
@@ -61,8 +60,7 @@ from vidquant.models.tiny import (
     TIME_RAMP_GAIN,
     TIME_RAMP_MAX,
     VALUE_GAIN,
-    init_weights,
-    tiny_tokenizer,
+    t5_pipeline,
 )
 
 logger = logging.getLogger(__name__)
@@ -115,14 +113,6 @@ TINY_VAE: dict[str, Any] = {
     "temporal_compression_ratio": FRAME_STEP,
     "scaling_factor": 0.7,  # CogVideoX-5B
 }
-TINY_TEXT: dict[str, Any] = {
-    "d_model": 32,
-    "d_kv": 8,
-    "d_ff": 64,
-    "num_layers": 2,
-    "num_heads": 4,
-    "feed_forward_proj": "gated-gelu",  # T5 v1.1, as the T5-XXL encoder CogVideoX uses
-}
 # scheduler_config.json of THUDM/CogVideoX-5b (the class defaults are epsilon / "leading" / no zero-SNR).
 SCHEDULER: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -145,21 +135,9 @@ def build_tiny_cogvideox_pipeline(outliers: bool = True, seed: int = 0) -> CogVi
     With `outliers`, the transformer's block-Linear inputs get heavy channels, a timestep-dependent scale and
     rare token spikes (see `plant_outliers`), so activation-aware quantization has something to do.
     """
-    tokenizer = tiny_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **TINY_TEXT))  # pad 0, eos 1 as trained
-        vae = AutoencoderKLCogVideoX(**TINY_VAE)
-        transformer = CogVideoXTransformer3DModel(**TINY_TRANSFORMER)  # default init drawn here, then replaced
-    generator = torch.Generator("cpu").manual_seed(seed)
-    init_weights(transformer, generator)
-    pipe = CogVideoXPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder.eval(),
-        vae=vae.eval(),
-        transformer=transformer.eval(),
-        scheduler=CogVideoXDPMScheduler(**SCHEDULER),
-    )
+    pipe, generator = t5_pipeline(CogVideoXPipeline, lambda: AutoencoderKLCogVideoX(**TINY_VAE),
+                                  lambda: CogVideoXTransformer3DModel(**TINY_TRANSFORMER),
+                                  CogVideoXDPMScheduler(**SCHEDULER), seed)
     if outliers:
         plant_outliers(pipe, generator)
     return pipe

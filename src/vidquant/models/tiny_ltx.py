@@ -46,15 +46,13 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
-from transformers import T5Config, T5EncoderModel
 
 from vidquant.models.tiny import (
     HEAVY_GAIN,
     TIME_RAMP_GAIN,
     TIME_RAMP_MAX,
     VALUE_GAIN,
-    init_weights,
-    tiny_tokenizer,
+    t5_pipeline,
 )
 from vidquant.models.tiny_cogvideox import _pick, plant_token_spikes
 
@@ -113,14 +111,6 @@ TINY_VAE: dict[str, Any] = {
     "encoder_causal": True,
     "decoder_causal": False,
 }
-TINY_TEXT: dict[str, Any] = {
-    "d_model": 32,
-    "d_kv": 8,
-    "d_ff": 64,
-    "num_layers": 2,
-    "num_heads": 4,
-    "feed_forward_proj": "gated-gelu",  # T5 v1.1, as the T5-XXL encoder LTX uses
-}
 # scheduler_config.json of Lightricks/LTX-Video (the class defaults have no dynamic shifting, which the pipeline
 # asks for through `mu`, and no terminal stretch).
 SCHEDULER: dict[str, Any] = {
@@ -141,21 +131,9 @@ def build_tiny_ltx_pipeline(outliers: bool = True, seed: int = 0) -> LTXPipeline
     With `outliers`, the transformer's block-Linear inputs get heavy channels, a timestep-dependent scale and
     rare token spikes (see `plant_outliers`), so activation-aware quantization has something to do.
     """
-    tokenizer = tiny_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **TINY_TEXT))  # pad 0, eos 1 as trained
-        vae = AutoencoderKLLTXVideo(**TINY_VAE)
-        transformer = LTXVideoTransformer3DModel(**TINY_TRANSFORMER)  # default init drawn here, then replaced
-    generator = torch.Generator("cpu").manual_seed(seed)
-    init_weights(transformer, generator)
-    pipe = LTXPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        transformer=transformer.eval(),
-    )
+    pipe, generator = t5_pipeline(LTXPipeline, lambda: AutoencoderKLLTXVideo(**TINY_VAE),
+                                  lambda: LTXVideoTransformer3DModel(**TINY_TRANSFORMER),
+                                  FlowMatchEulerDiscreteScheduler(**SCHEDULER), seed)
     if outliers:
         plant_outliers(pipe, generator)
     return pipe
