@@ -116,3 +116,15 @@ def test_bad_values_are_refused_up_front(tmp_path: Path) -> None:
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in result.output, (args, result.output)
     assert not (tmp_path / "s").exists() and not (tmp_path / "g").exists()
+
+
+def test_evaluate_and_report_refuse_a_users_folder(tmp_path: Path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    result = runner.invoke(app, ["evaluate", "--bf16", str(tmp_path), "--quantized", str(tmp_path), "--out",
+                                 str(tmp_path / "mine")])
+    assert result.exit_code == 2 and "not a report folder" in result.output
+    (tmp_path / "e.json").write_text("{}")
+    result = runner.invoke(app, ["report", "--evaluation", str(tmp_path / "e.json"), "--out", str(tmp_path / "mine")])
+    assert result.exit_code == 2
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]

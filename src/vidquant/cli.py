@@ -241,10 +241,11 @@ def evaluate_cmd(
     vbench: bool = typer.Option(False, help="Also score VBench's five dimensions (when it is installed)."),
 ) -> None:
     """Compare two video folders: fidelity to BF16, temporal scores, costs (and VBench) -> evaluation.json."""
-    from .eval.evaluate import EVALUATION, evaluate
+    from .eval.evaluate import EVALUATION, REPORT_OWNED, evaluate
+    from .outputs import check_output
 
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        check_output(out, REPORT_OWNED, "report folder").mkdir(parents=True, exist_ok=True)
         path = evaluate(bf16, quantized, vbench=vbench, vbench_out=out / "vbench").save(out / EVALUATION)
     except (ValueError, OSError) as err:
         _fail(str(err))

@@ -19,15 +19,17 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_path
+from ..outputs import check_output
 from . import metrics
 from .generate import check_pair, folder_info, load_frames, load_records
-from .report import Metric, PromptResult, ReportData, write_report
+from .report import METRICS, REPORT, Metric, PromptResult, ReportData, write_report
 from .tails import worst_tails
 from .vbench import VBenchError, run_vbench, vbench_status
 
 logger = logging.getLogger(__name__)
 
 EVALUATION = "evaluation.json"
+REPORT_OWNED = (EVALUATION, REPORT, METRICS, "vbench")  # what an evaluation / report folder may hold
 # metrics.TEMPORAL keys -> report names: the proxies must not pass for VBench's own dimensions
 REPORT_NAME = {"temporal_flickering": "temporal_flickering", "motion_smoothness": "motion_smoothness_proxy",
                "subject_consistency": "subject_consistency_proxy"}
@@ -125,6 +127,7 @@ def load_evaluation(path: str | Path) -> Evaluation:
 def report(evaluation: Evaluation, out: str | Path, *, state: Any = None, stats: Any = None,
            sqnr: list[dict] | None = None, model: str = "", state_path: str | None = None) -> Path:
     """The `report` stage: ``out/report.html`` and ``out/metrics.json`` from an evaluation (see `write_report`)."""
+    out = check_output(out, REPORT_OWNED, "report folder")
     frames = frames_of(evaluation)
     prompts = [replace(p, bf16_frames=a, quantized_frames=b) for p, (a, b) in zip(evaluation.prompts, frames,
                                                                                   strict=True)]
