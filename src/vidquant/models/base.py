@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -117,12 +117,19 @@ class ModelAdapter(ABC):
         """Module-name prefixes of ``expert``'s blocks in depth order (empty: no block structure)."""
         return []
 
+    def block_indices(self, expert: str, layers: Iterable[str]) -> list[int | None]:
+        """Depth index of the block holding each of ``layers`` (None: outside every block); `blocks` asked once."""
+        index = {prefix: i for i, prefix in enumerate(self.blocks(expert))}
+        out = []
+        for layer in layers:
+            parts = layer.split(".")
+            prefixes = (".".join(parts[:n]) for n in range(len(parts) - 1, 0, -1))
+            out.append(next((index[p] for p in prefixes if p in index), None))
+        return out
+
     def block_index(self, expert: str, layer: str) -> int | None:
         """Depth index of the block holding ``layer`` (None: outside every block)."""
-        for index, prefix in enumerate(self.blocks(expert)):
-            if layer.startswith(prefix + "."):
-                return index
-        return None
+        return self.block_indices(expert, [layer])[0]
 
     def input_groups(self, expert: str) -> list[list[str]]:
         """Target Linears grouped by the input tensor they share (default: one group each)."""

@@ -79,7 +79,7 @@ def plan(model: Any, recipe: Recipe) -> Plan:
     targets: list[tuple[str, int | None]] = []
     for expert in models:
         layers = adapter.target_linears(expert)
-        blocks = [adapter.block_index(expert, layer) for layer in layers]
+        blocks = adapter.block_indices(expert, layers)
         result.protected_blocks[expert] = _resolve_blocks(recipe.protect_blocks, expert, len(adapter.blocks(expert)))
         targets += [(qualify(expert, layer), block) for layer, block in zip(layers, blocks, strict=True)]
         result.boundary += [qualify(expert, layer) for layer in adapter.boundary_linears(expert)]
