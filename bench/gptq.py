@@ -7,7 +7,9 @@ outlier channels at 30x; ffn.net.2 sees GELU(x W0^T) of those, as in the model. 
 over the calibration tokens; the output error is measured on held-out tokens as
 ||X (W_q - W)^T||^2 / ||X W^T||^2 in dB, for GPTQ and for round-to-nearest (RTN).
 
-Printed per layer: GPTQ wall time, RTN (quantize_dequantize) time, the process RSS peak during the GPTQ
+Printed per layer: GPTQ wall time with its own error evaluation and without it (``evaluate=False``, what
+svdquant-gptq runs: its held-out check replaces the evaluation), RTN (quantize_dequantize) time, the process
+RSS peak during the GPTQ
 call (absolute, and the delta over the RSS just before it), and the errors (the Hessian-weighted one that
 gptq reports, and the held-out one) with their difference GPTQ - RTN in dB.
 
@@ -88,15 +90,20 @@ def main() -> None:
         w32 = w.float()
         held_gptq = held_out_error(held, w32, result.weight)
         held_rtn = held_out_error(held, w32, fmt.quantize_dequantize(w))
-        rows.append((name, tuple(w.shape), gptq_s, rtn_s, peak.bytes, peak.bytes - baseline, result,
+        t0 = time.perf_counter()
+        fast = gptq(w, hessian, fmt, block_size=args.block_size, name=name, evaluate=False)
+        fast_s = time.perf_counter() - t0
+        assert torch.equal(fast.encoded.codes, result.encoded.codes)  # the same rounding, no errors computed
+        del fast
+        rows.append((name, tuple(w.shape), gptq_s, fast_s, rtn_s, peak.bytes, peak.bytes - baseline, result,
                      held_gptq, held_rtn))
         del hessian, result
 
-    print(f"\n{'layer':15} {'weight':>12} {'gptq s':>7} {'rtn ms':>7} {'peak GiB':>9} {'delta GiB':>10} "
-          f"{'H-err gptq':>11} {'H-err rtn':>10} {'held gptq':>10} {'held rtn':>9} {'gptq-rtn':>9}")
-    for name, shape, gptq_s, rtn_s, peak_b, delta_b, result, held_gptq, held_rtn in rows:
-        print(f"{name:15} {shape[0]:>5}x{shape[1]:<6} {gptq_s:7.1f} {rtn_s * 1e3:7.0f} {peak_b / GiB:9.2f} "
-              f"{delta_b / GiB:10.2f} {db(result.error):8.2f} dB {db(result.rtn_error):7.2f} dB "
+    print(f"\n{'layer':15} {'weight':>12} {'gptq s':>7} {'no-eval s':>9} {'rtn ms':>7} {'peak GiB':>9} "
+          f"{'delta GiB':>10} {'H-err gptq':>11} {'H-err rtn':>10} {'held gptq':>10} {'held rtn':>9} {'gptq-rtn':>9}")
+    for name, shape, gptq_s, fast_s, rtn_s, peak_b, delta_b, result, held_gptq, held_rtn in rows:
+        print(f"{name:15} {shape[0]:>5}x{shape[1]:<6} {gptq_s:7.1f} {fast_s:9.1f} {rtn_s * 1e3:7.0f} "
+              f"{peak_b / GiB:9.2f} {delta_b / GiB:10.2f} {db(result.error):8.2f} dB {db(result.rtn_error):7.2f} dB "
               f"{db(held_gptq):7.2f} dB {db(held_rtn):6.2f} dB {db(held_gptq) - db(held_rtn):6.2f} dB")
     print("\nerrors: relative output error in dB (lower is better); H-err = tr(dW H dW^T) / tr(W H W^T) on the "
           "calibration Hessian, held = on held-out tokens; gptq-rtn < 0 means GPTQ is better.")

@@ -1,29 +1,41 @@
 """The packed runtime against BF16 and the fake-quant simulation, side by side (issue: a real low-bit runtime).
 
-On the medium pipeline (full-width Wan2.2-A14B blocks, one per expert, bf16 on the CPU), each configuration in
-a fresh process: the transformer bytes resident (every tensor the experts hold, and those of their blocks
-alone: with one block per expert the BF16 embedders and time projection outweigh the block, unlike at 40), the
-peak RSS of one expert step (sampled during the call) less what the process held before the transformer
-existed (interpreter, libraries, text encoder and VAE), and the seconds of that step (median of 2 after a
-warm-up). Then, at A14B shapes (meta device, no memory), the packed transformer size of each weight format.
-Targets: resident <= 30 % of BF16 at W4 and <= 53 % at W8; step peak RSS <= 45 % of BF16 at W4; packed <= 2x
+On the medium pipeline (full-width Wan2.2-A14B blocks, ``--blocks`` per expert, bf16 on the CPU), each
+configuration in a fresh process:
+
+- resident: the bytes of every tensor the experts hold, and of their blocks alone (the quantizable part: with
+  few blocks per expert the BF16 embedders and the 30720 x 5120 time projection outweigh the blocks, unlike
+  at A14B's 40);
+- process peak: the peak RSS of one expert step (sampled during the call), the whole process;
+- transformer peak: that peak less what the process holds without the transformers, *measured* at the end
+  of the child: both experts dropped, the allocator trimmed, the RSS read again (interpreter, libraries,
+  compiled kernels, text encoder, VAE). It is what the step costs in the transformers' weights, the decode
+  temporaries and the activations, the figure the <= 45 % target is about;
+- the seconds of that step (median of ``--timed`` steps after the warm-up and the measured one).
+
+Then, at A14B shapes (meta device, no memory), the packed transformer size of each weight format.
+Targets: resident <= 30 % of BF16 at W4 and <= 53 % at W8; step peak <= 45 % of BF16 at W4; packed <= 2x
 fake in time.
 
-    python bench/runtime.py [--tokens 256]
+    python bench/runtime.py [--tokens 256] [--blocks 1] [--configs "bf16,hif4 packed"] [--timed 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import ctypes.util
 import gc
 import json
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 from quantize import step_inputs
-from timing import median_seconds
 
 import vidquant
 from vidquant import formats
@@ -65,25 +77,50 @@ def bf16_step_inputs(model, tokens: int) -> dict:
             for k, v in step_inputs(model, tokens).items()}
 
 
-def child(name: str, tokens: int) -> dict:
+def timings(fn, repeats: int) -> list[float]:
+    """Wall times of ``repeats`` calls (the step is warm already: compiled, allocator primed)."""
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def trim_allocator() -> None:
+    """Hand the allocator's free pages back to the system (glibc), so that RSS counts what is held."""
+    libc = ctypes.util.find_library("c")
+    if libc:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc
+            ctypes.CDLL(libc).malloc_trim(0)
+
+
+def child(name: str, tokens: int, blocks: int, timed: int) -> dict:
     fmt, runtime, tile_rows = CONFIGS[name]
-    baseline = current_rss()
-    pipe = tiny.build_medium_pipeline(dtype=torch.bfloat16)
-    others = sum(t.untyped_storage().nbytes() for c in (pipe.text_encoder, pipe.vae)
-                 for t in (*c.parameters(), *c.buffers()))
+    pipe = tiny.build_medium_pipeline(num_layers=blocks, dtype=torch.bfloat16)
     if fmt is not None:
         vidquant.apply(pipe, vidquant.quantize(pipe, recipe(fmt)), runtime=runtime, tile_rows=tile_rows)
     gc.collect()
+    trim_allocator()
     model = pipe.transformer
     inputs = bf16_step_inputs(model, tokens)
     with torch.no_grad():
         model(**inputs)  # warm-up (allocator, kernels' compilation)
+        gc.collect()
+        trim_allocator()
+        before = current_rss()
         with peak_memory("cpu") as peak:
             model(**inputs)
-        seconds = median_seconds(lambda: model(**inputs), repeats=2)
-    return {"name": name, "resident": resident_bytes(pipe), "blocks": resident_bytes(pipe, blocks_only=True),
-            "peak_rss": peak.bytes - baseline - others,
-            "seconds": seconds}
+        seconds = statistics.median(timings(lambda: model(**inputs), timed)) if timed else None
+    result = {"name": name, "resident": resident_bytes(pipe), "blocks": resident_bytes(pipe, blocks_only=True),
+              "peak_rss": peak.bytes, "before": before, "seconds": seconds}
+    model = None
+    for expert in adapter_for(pipe).experts():
+        setattr(pipe, expert, None)
+    gc.collect()
+    trim_allocator()
+    result["rest"] = current_rss()  # everything but the transformers, measured
+    return result
 
 
 def a14b_sizes() -> None:
@@ -108,26 +145,45 @@ def a14b_sizes() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--blocks", type=int, default=1, help="full-width blocks per expert (A14B has 40)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated rows (bf16 always runs)")
+    parser.add_argument("--timed", type=int, default=2, help="timed steps per config (median; 0: memory only)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.tokens)))
+        print(json.dumps(child(args.child, args.tokens, args.blocks, args.timed)))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medium pipeline, bf16, {args.tokens} tokens")
+    names = ["bf16", *(n.strip() for n in args.configs.split(",") if n.strip() and n.strip() != "bf16")]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configs {unknown}; known: {list(CONFIGS)}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medium pipeline, {args.blocks} block(s) "
+          f"per expert, bf16, {args.tokens} tokens")
     rows = []
-    for name in CONFIGS:
-        out = subprocess.run([sys.executable, Path(__file__).name, "--child", name, "--tokens", str(args.tokens)],
+    for name in names:
+        out = subprocess.run([sys.executable, Path(__file__).name, "--child", name, "--tokens", str(args.tokens),
+                              "--blocks", str(args.blocks), "--timed", str(args.timed)],
                              cwd=Path(__file__).parent, capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print("  done:", json.dumps(rows[-1]), flush=True)
     ref = rows[0]
-    fake = next(r for r in rows if r["name"] == "hif4 fake")
-    print(f"{'config':18}{'blocks MiB':>12}{'vs BF16':>9}{'all MiB':>10}{'vs BF16':>9}{'step peak MiB':>15}"
-          f"{'vs BF16':>9}{'s/step':>9}{'vs BF16':>9}{'vs fake':>9}")
+    fake = next((r for r in rows if r["name"] == "hif4 fake" and r["seconds"]), None)
+    mib = 2**20
+    print(f"{'config':18}{'blocks MiB':>11}{'vs BF16':>8}{'all MiB':>9}{'vs BF16':>8}{'proc peak':>10}{'vs BF16':>8}"
+          f"{'tf peak':>9}{'vs BF16':>8}{'s/step':>8}{'vs BF16':>8}{'vs fake':>8}")
     for r in rows:
-        print(f"{r['name']:18}{r['blocks'] / 2**20:12.1f}{100 * r['blocks'] / ref['blocks']:8.1f}%"
-              f"{r['resident'] / 2**20:10.1f}{100 * r['resident'] / ref['resident']:8.1f}%"
-              f"{r['peak_rss'] / 2**20:15.1f}{100 * r['peak_rss'] / ref['peak_rss']:8.1f}%"
-              f"{r['seconds']:9.2f}{r['seconds'] / ref['seconds']:8.2f}x{r['seconds'] / fake['seconds']:8.2f}x")
+        tf, tf_ref = r["peak_rss"] - r["rest"], ref["peak_rss"] - ref["rest"]
+        if r["seconds"]:
+            vs_fake = f"{r['seconds'] / fake['seconds']:7.2f}x" if fake else f"{'-':>8}"
+            timing = f"{r['seconds']:8.2f}{r['seconds'] / ref['seconds']:7.2f}x{vs_fake}"
+        else:
+            timing = f"{'-':>8}{'-':>8}{'-':>8}"
+        print(f"{r['name']:18}{r['blocks'] / mib:11.1f}{100 * r['blocks'] / ref['blocks']:7.1f}%"
+              f"{r['resident'] / mib:9.1f}{100 * r['resident'] / ref['resident']:7.1f}%"
+              f"{r['peak_rss'] / mib:10.1f}{100 * r['peak_rss'] / ref['peak_rss']:7.1f}%"
+              f"{tf / mib:9.1f}{100 * tf / tf_ref:7.1f}%{timing}")
+    print("(MiB; proc peak: the process's peak RSS during one expert step; tf peak: that less the RSS of the same "
+          "process without the transformers, measured)")
     a14b_sizes()
 
 

@@ -27,10 +27,16 @@ SETTINGS = CalibSettings(num_prompts=2, steps=2, height=32, width=32, frames=9, 
 
 
 def small(name: str) -> Recipe:
-    """A bundled recipe, svdquant-gptq with fewer refinement rounds (the tiny layers converge at once)."""
+    """A bundled recipe, svdquant-gptq with fewer refinement rounds (the tiny layers converge at once), and
+    without fixed protected blocks: "first 2, last 3" needs 5 blocks, these models have 2 (tiny-wan21 has 8:
+    tests/eval/test_blocks.py); auto protection keeps at most one."""
     data = load_recipe(name).to_dict()
     if data["method"] == "svdquant-gptq":
         data["svdquant-gptq"]["lowrank"]["iters"] = 1
+    if data["protect_blocks"] != "auto":
+        data["protect_blocks"] = []
+    else:  # auto may spend its whole budget: leave a block quantized
+        data["max_protected_blocks"] = 1
     return Recipe.model_validate(data)
 
 
@@ -87,7 +93,8 @@ def test_any_module_with_a_forward_loop_for_every_recipe(bert_dir: Path, tmp_pat
     restored = bert(bert_dir)
     vidquant.apply(restored, vidquant.load_state(tmp_path / "state"))
     assert torch.equal(bert_out(restored), quantized)
-    assert sum(isinstance(m, QuantLinear) for m in restored.modules()) == 13
+    kept = len(state.plan["protected"])  # auto protection keeps a block of 6 Linears
+    assert sum(isinstance(m, QuantLinear) for m in restored.modules()) == 13 - kept and kept in (0, 6)
 
 
 def test_a_callable_forward_loop_and_protection_by_pattern(bert_dir: Path) -> None:

@@ -128,3 +128,19 @@ def test_evaluate_and_report_refuse_a_users_folder(tmp_path: Path) -> None:
     result = runner.invoke(app, ["report", "--evaluation", str(tmp_path / "e.json"), "--out", str(tmp_path / "mine")])
     assert result.exit_code == 2
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_analyze_ranks_the_blocks_of_tiny_wan21(tmp_path: Path) -> None:
+    stats = tmp_path / "stats"
+    calib = ["calibrate", "--model", "tiny-wan21", "--num-prompts", "1", "--steps", "2", "--bins", "1",
+             "--out", str(stats)]
+    assert runner.invoke(app, calib).exit_code == 0
+    result = runner.invoke(app, ["analyze", "--model", "tiny-wan21", "--stats", str(stats), "--recipe", "hif8",
+                                 "--held-out-prompts", "1", "--max-calls", "2", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert "most sensitive first" in result.output
+    assert {p.name for p in (tmp_path / "a").iterdir()} >= {"analysis.json", "analysis.csv", "analysis.html"}
+    both = runner.invoke(app, ["analyze", "--model", "tiny-wan21", "--stats", str(stats), "--recipe", "hif8",
+                               "--state", str(tmp_path), "--out", str(tmp_path / "b")])
+    assert both.exit_code == 2 and "--recipe or --state, not both" in both.output
+    assert not (tmp_path / "b").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,24 @@ def test_a_damaged_export_is_refused_by_name(base_dir: Path, tmp_path: Path) -> 
         load_quantized(tmp_path)
 
 
+def test_an_export_with_a_truncated_file_is_refused_by_name_before_loading(base_dir: Path, tmp_path: Path) -> None:
+    """Each file an export holds, cut short: the state's tensors and manifest, the experts' weights and every
+    pipeline component: a ValueError naming that file; the intact export still loads."""
+    export(load_pipeline(base_dir), vidquant.load_state(DATA / "state-v2-svdquant-gptq-hif4"), tmp_path / "q")
+    files = [tmp_path / "q" / "state" / "tensors.safetensors", tmp_path / "q" / "state" / "manifest.json",
+             *sorted((tmp_path / "q" / "experts").glob("*.safetensors")),
+             *sorted((tmp_path / "q" / "pipeline").rglob("*.safetensors"))]
+    assert len(files) == 6
+    for file in files:
+        good = file.read_bytes()
+        for cut in (len(good) // 2, len(good) - 1):
+            file.write_bytes(good[:cut])
+            with pytest.raises(ValueError, match=re.escape(str(file))):
+                load_quantized(tmp_path / "q")
+        file.write_bytes(good)
+    assert sum(isinstance(m, QuantLinear) for m in load_quantized(tmp_path / "q").transformer.modules()) == 20
+
+
 def test_cli_export_and_generate_from_it(tmp_path: Path) -> None:
     runner = CliRunner()
     assert runner.invoke(app, ["quantize", "--model", "tiny", "--recipe", "rtn-nvfp4", "--out",
@@ -74,6 +93,7 @@ def test_cli_export_and_generate_from_it(tmp_path: Path) -> None:
                                  str(tmp_path / "q")])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["generate", "--model", str(tmp_path / "q"), "--out", str(tmp_path / "v"),
-                                 "--num-prompts", "1", "--steps", "2"])
+                                 "--num-prompts", "1", "--steps", "2", "--height", "32", "--width", "32",
+                                 "--frames", "9"])  # an export is not a tiny model: the default is 720p
     assert result.exit_code == 0, result.output
     assert (tmp_path / "v" / "prompts.json").is_file()

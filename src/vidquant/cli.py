@@ -156,6 +156,50 @@ def quantize_cmd(
     _print_state(out)
 
 
+@app.command("analyze")
+def analyze_cmd(
+    model: str = typer.Option(..., help=MODEL_HELP),
+    stats: Path = typer.Option(..., help="Statistics from `vidquant calibrate` (their protocol is replayed)."),
+    out: Path = typer.Option(..., help="Folder for analysis.json, analysis.csv and analysis.html."),
+    recipe: str | None = typer.Option(None, help="Also quantize under this recipe: layer SQNR and block sensitivity."),
+    state: Path | None = typer.Option(None, help="Or an existing PTQ state of this model (instead of --recipe)."),
+    i2v: bool = typer.Option(False, "--i2v", help="Image-to-video (with a tiny model)."),
+    prompts: Path | None = typer.Option(None, help="The calibration prompts of the statistics (default: bundled)."),
+    held_out_prompts: int = typer.Option(2, min=1, help="Calibration prompts replayed under held-out seeds."),
+    max_calls: int = typer.Option(8, min=1, help="Expert calls kept per expert (each replayed once per block)."),
+) -> None:
+    """Per-block analysis: activation statistics per block and timestep bin, and with a recipe or state each
+    block's sensitivity (the expert's output error when only that block is quantized), most sensitive first."""
+    from .calib.prompts import load_prompts
+    from .calib.stats import load_stats
+    from .eval.blocks import analyze
+    from .ptq import quantize
+    from .recipes import load_recipe
+    from .state import load_state
+
+    try:
+        if recipe is not None and state is not None:
+            raise ValueError("give --recipe or --state, not both")
+        the_recipe = None if recipe is None else load_recipe(recipe)
+        calibration = load_stats(stats)
+        prompt_list = load_prompts(prompts) if prompts else None
+        the_state = None if state is None else load_state(state)
+        pipe = _load(model, i2v)
+        if the_recipe is not None:
+            the_state = quantize(pipe, the_recipe, calibration, progress=True, prompts=prompt_list)
+        result = analyze(pipe, calibration, the_state, prompts=prompt_list, held_out_prompts=held_out_prompts,
+                         max_calls=max_calls, out=out, progress=True)
+    except ValueError as err:
+        _fail(str(err))
+    table = Table(title=f"blocks, most sensitive first ({out / 'analysis.html'})")
+    for col in ("expert", "block", "sensitivity", "layer SQNR dB", "inputs in HiF8 dB", "p99.9/median"):
+        table.add_column(col)
+    for r in result.table():
+        table.add_row(str(r["expert"]), str(r["block"]), "-" if r["sensitivity"] is None else f"{r['sensitivity']:.3g}",
+                      f"{r['layer_sqnr_db']:.1f}", f"{r['act_hif8_sqnr_db']:.1f}", f"{r['p99_9_over_median']:.3g}")
+    console.print(table)
+
+
 @app.command("apply")
 def apply_cmd(
     model: str = typer.Option(..., help=MODEL_HELP),
@@ -297,6 +341,15 @@ def _print_state(path: Path) -> None:
     console.print(table)
     console.print(f"state tensors {size / 2**20:.3f} MiB = {100 * size / base:.4f} % of the BF16 transformer "
                   f"weights ({base / 2**30:.3f} GiB)")
+    if chosen := {name: layer.info["gptq"] for name, layer in state.layers.items() if "gptq" in layer.info}:
+        kept = sum(not str(choice).startswith("rtn") for choice in chosen.values())
+        console.print(f"GPTQ kept on {kept} of {len(chosen)} layers by held-out error, RTN on the others")
+    if warned := {name: layer.info["warning"] for name, layer in state.layers.items() if "warning" in layer.info}:
+        console.print(f"[yellow]{len(warned)} layers warned at quantization:[/yellow]")
+        for name, warning in list(warned.items())[:20]:
+            console.print(f"  {name}: {warning}")
+        if len(warned) > 20:
+            console.print(f"  ... and {len(warned) - 20} more (the manifest's layer info lists them all)")
 
 
 @app.command("inspect")
@@ -380,6 +433,91 @@ def run_cmd(
     except (ValueError, ValidationError) as err:
         _fail(str(err))
     console.print(f"report: {report}")
+
+
+@app.command("sweep")
+def sweep_cmd(
+    grid: str | None = typer.Option(None, help="A bundled grid name (--list-grids) or a grid YAML file."),
+    out: Path | None = typer.Option(None, help="Sweep folder: stats/, videos/bf16/, cells/<cell>/, report/."),
+    model: str | None = typer.Option(None, help=MODEL_HELP + " Default: the grid's model, else tiny."),
+    base_recipe: str | None = typer.Option(None, help="A bundled recipe or YAML file (default: the grid's)."),
+    list_grids: bool = typer.Option(False, "--list-grids", help="Print the bundled grids and exit."),
+    i2v: bool = typer.Option(False, "--i2v", help="Image-to-video (with 'tiny')."),
+    prompts: Path | None = typer.Option(None, help="Evaluation prompts (default: bundled, held out from every "
+                                        "cell's calibration, dealt across the prompt categories)."),
+    calib_prompts: Path | None = typer.Option(None, help="Calibration prompts (default: bundled)."),
+    num_prompts: int = typer.Option(8, min=1, help="Evaluation prompts to generate (shared by every cell)."),
+    num_calib_prompts: int = typer.Option(8, min=1,
+                                          help="Calibration prompts (unless the grid sets calib.num_prompts)."),
+    steps: int | None = typer.Option(None, help="Default 40 (8 for a tiny model)."),
+    height: int | None = typer.Option(None, help="Default 720 (a tiny model's own otherwise)."),
+    width: int | None = typer.Option(None, help="Default 1280 (a tiny model's own otherwise)."),
+    frames: int | None = typer.Option(None, help="Default 61 (a tiny model's own otherwise)."),
+    cfg: float = typer.Option(3.5),
+    seed: int = typer.Option(42),
+    bins: int = typer.Option(4, min=1, max=64, help="Timestep bins per expert, unless the grid sets calib.bins."),
+    vbench: bool = typer.Option(True, help="Score VBench's five dimensions when VBench is installed."),
+    fidelity_prompts: int = typer.Option(1, min=0, help="Held-out prompts for per-layer SQNR per cell (0: skip)."),
+    cell_reports: bool = typer.Option(True, help="Write each cell's own report.html too (linked from the table)."),
+) -> None:
+    """Run a grid of recipe and calibration settings with shared artifacts; write one comparison report."""
+    from .sweep import grid_names, load_grid
+
+    if list_grids:
+        for name in grid_names():
+            spec = load_grid(name)
+            console.print(f"[bold]{name}[/bold] (model {spec.model or '-'}, base recipe {spec.base_recipe or '-'}): "
+                          f"{spec.description}")
+        return
+    try:
+        if grid is None or out is None:
+            raise ValueError("give --grid and --out (or --list-grids)")
+        report = _sweep(load_grid(grid), grid, out, model, base_recipe, i2v, prompts, calib_prompts, num_prompts,
+                        num_calib_prompts, steps, height, width, frames, cfg, seed, bins, vbench, fidelity_prompts,
+                        cell_reports)
+    except (ValueError, ValidationError) as err:
+        _fail(str(err))
+    console.print(f"sweep report: {report}")
+
+
+def _sweep(spec, grid: str, out: Path, model: str | None, base_recipe: str | None, i2v: bool, prompts: Path | None,
+           calib_prompts: Path | None, num_prompts: int, num_calib_prompts: int, steps: int | None,
+           height: int | None, width: int | None, frames: int | None, cfg: float, seed: int, bins: int,
+           vbench: bool, fidelity_prompts: int, cell_reports: bool) -> Path:
+    """Resolve the sweep's inputs (everything checked before the model is loaded) and run it."""
+    from .calib.calibrate import CalibSettings
+    from .calib.prompts import default_prompts, load_prompts, prompt_categories
+    from .eval.protocol import Protocol
+    from .recipes import load_recipe
+    from .sweep import Sweep, held_out_prompts, resolve_cells, run_sweep
+
+    model = model or spec.model or "tiny"
+    recipe = base_recipe or spec.base_recipe
+    if recipe is None:
+        raise ValueError(f"--base-recipe: the grid '{grid}' names no base recipe; give one")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {steps}")
+    protocol = Protocol(steps=(8 if model in TINY_MODELS else 40) if steps is None else steps, cfg=cfg, seed=seed,
+                        **_sizes(model, height, width, frames, run=True))
+    bundled = default_prompts()
+    calib_all = load_prompts(calib_prompts) if calib_prompts else bundled
+    _enough(calib_all, num_calib_prompts, "--num-calib-prompts", calib_prompts)
+    settings = CalibSettings(**protocol.model_dump(), num_prompts=num_calib_prompts, bins=bins)
+    cells = resolve_cells(spec, load_recipe(recipe), settings, calib_all)
+    categories = prompt_categories()
+    for source in (calib_prompts, prompts):
+        if source is not None:
+            categories.update(prompt_categories(source))
+    if prompts:
+        evaluation = load_prompts(prompts)
+        _enough(evaluation, num_prompts, "--num-prompts", prompts)
+        evaluation = evaluation[:num_prompts]
+    else:
+        start = max(c.calib.num_prompts for c in cells) if calib_prompts is None else 0
+        evaluation = held_out_prompts(bundled, start, num_prompts, categories)
+    sweep = Sweep(cells, calib_all, evaluation, protocol, out, model, recipe, spec.name or grid, vbench,
+                  fidelity_prompts, categories, cell_reports)
+    return run_sweep(lambda: _load(model, i2v), sweep)
 
 
 @app.command("demo")

@@ -34,7 +34,7 @@ from .models import adapter_for, split_name
 from .models.loading import load_pipeline
 from .nn import QuantLinear, StepContext, swap
 from .outputs import locked_output
-from .safeio import TensorSpec, read_safetensors
+from .safeio import TensorSpec, read_header, read_safetensors
 from .state import LayerState, PTQState, apply, load_state, verify
 from .validation import describe
 
@@ -128,6 +128,8 @@ def load_quantized(directory: str | Path, *, device: str | None = None) -> Any:
     state = load_state(directory / "state")
     if state.fingerprint() != manifest.state_fingerprint:
         raise ValueError(f"{directory / 'state'}: not the state this export was made with (fingerprint differs)")
+    for component in sorted((directory / "pipeline").rglob("*.safetensors")):
+        read_header(component)  # a truncated component is refused by name before anything is loaded
     pipe = load_pipeline(directory / "pipeline", device=device)
     contexts: dict[str, StepContext] = {}
     for name, info in manifest.experts.items():

@@ -61,7 +61,7 @@ def run(model: Any, job: Job, *, progress: bool = True) -> Path:
         stats = None
         if method_class(job.recipe.method)().needs_stats(job.recipe):
             stats = calibrate(model, job.calib_prompts, job.calib, job.out / "stats", progress=progress)
-        state = _state(model, job, stats)
+        state = state_in(model, job.recipe, stats, job.out / "state", job.calib_prompts)
         n = job.fidelity_prompts
         sqnr = state_fidelity(model, state, job.eval_prompts[:n], job.calib) if n else []
         base = stats.meta["model_fingerprint"] if stats is not None else adapter.fingerprint()
@@ -87,18 +87,18 @@ def _check_writable(out: Path) -> None:
         raise ValueError(f"{out}: output folder is not writable ({err.strerror or err})") from err
 
 
-def _state(model: Any, job: Job, stats: CalibStats | None) -> PTQState:
-    """The state in out/state when it was made by this recipe from these statistics for this model, else a new one."""
-    path = job.out / "state"
+def state_in(model: Any, recipe: Recipe, stats: CalibStats | None, path: Path, calib_prompts: list[str]) -> PTQState:
+    """The state in ``path`` when ``recipe`` made it from ``stats`` for ``model``, else a new one saved there (the
+    quantize stage with reuse, shared by `run` and `vidquant sweep`); ``model`` is not changed."""
     if (path / "manifest.json").is_file():
         state = load_state(path)
-        stale = _stale(model, state, job.recipe, stats)
+        stale = _stale(model, state, recipe, stats)
         if stale is None:
             logger.info("reusing the PTQ state in %s", path)
             return state
         logger.info("%s holds a state made from other inputs (%s): quantizing again", path, stale)
     partial = checkpoint_of(path)  # svdquant-gptq's finished layers, for a rerun after an interruption
-    state = quantize(model, job.recipe, stats, prompts=job.calib_prompts, progress=True, checkpoint=partial)
+    state = quantize(model, recipe, stats, prompts=calib_prompts, progress=True, checkpoint=partial)
     state.save(path)
     if partial.exists():
         remove_state(partial)

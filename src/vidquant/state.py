@@ -2,7 +2,9 @@
 
 A state is a directory: ``manifest.json`` (format version, library version, recipe, plan, the base
 checkpoint's config fingerprint, timestep-bin edges, and per quantized layer its formats, the sha256 of the
-base weight it was made for and the names of its tensors; sealed by its own checksum) and
+base weight it was made for, the names of its tensors and optionally ``info``, what the method chose there and
+on what evidence (svdquant-gptq: GPTQ damping or RTN by held-out error, tokens seen, warnings); sealed by its
+own checksum) and
 ``tensors.safetensors`` (per layer a dict of named tensors, each name owned and validated by a `QuantLinear`
 part: ``mask``, ``act_clip``, ``lowrank_down`` / ``lowrank_up``, ``weight_packed``). A smoothing recipe keeps
 no copy of the weights: `apply` quantizes the base checkpoint's own weights under the restored parameters.
@@ -55,6 +57,9 @@ class LayerState:
     act_format: str | None
     weight_sha256: str
     tensors: dict[str, Tensor] = field(default_factory=dict)
+    # what the method chose for this layer and on what evidence, e.g. {"gptq": "damp=0.1 (+1.2 dB over rtn on
+    # held-out)", "tokens": 75000}; written to the manifest only when not empty (older states have none)
+    info: dict[str, str | int | float] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,7 +87,8 @@ class PTQState:
             "timestep_bins": self.timestep_bins,
             "layers": {
                 name: {"weight_format": s.weight_format, "act_format": s.act_format,
-                       "weight_sha256": s.weight_sha256, "tensors": sorted(s.tensors)}
+                       "weight_sha256": s.weight_sha256, "tensors": sorted(s.tensors),
+                       **({"info": dict(s.info)} if s.info else {})}
                 for name, s in self.layers.items()
             },
             "tensors_sha256": tensors_sha256,
@@ -137,6 +143,7 @@ class _Layer(BaseModel):
     act_format: str | None
     weight_sha256: str = Field(pattern=_SHA256)
     tensors: list[str]
+    info: dict[str, str | int | float] = {}  # optional: the method's per-layer choices (absent in older states)
 
     @field_validator("weight_format", "act_format")
     @classmethod
@@ -209,7 +216,7 @@ def load_state(directory: str | Path) -> PTQState:
     tensors, _ = read_safetensors(tensors_file, expected, what="PTQ state")  # names checked before allocation
     layers = {
         name: LayerState(info.weight_format, info.act_format, info.weight_sha256,
-                         {k: tensors[f"{name}.{k}"] for k in info.tensors})
+                         {k: tensors[f"{name}.{k}"] for k in info.tensors}, dict(info.info))
         for name, info in manifest.layers.items()
     }
     return PTQState(layers, manifest.recipe, manifest.base.model_dump(), manifest.plan, manifest.library_version,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vidquant.calib.calibrate import CalibSettings
 from vidquant.calib.capture import Reservoir
-from vidquant.calib.layer_inputs import LayerInputs, collect_layer_inputs, hessian_nbytes
+from vidquant.calib.layer_inputs import HeldOutRows, LayerInputs, collect_layer_inputs, hessian_nbytes
 from vidquant.calib.prompts import default_prompts
 from vidquant.models import adapter_for, timestep_bin, tiny, wan
 
@@ -93,3 +95,60 @@ def test_hessian_nbytes_at_full_size() -> None:
 def test_too_few_prompts_is_a_clear_error(pipe) -> None:
     with pytest.raises(ValueError, match="2 calibration prompts asked for, the prompt set has 1"):
         collect_layer_inputs(pipe, PROMPTS[:1], SETTINGS, {}, {})
+
+
+def _with_held_out(capacity: int, fraction: float, bins: int = 2, seed: int = 3) -> LayerInputs:
+    return LayerInputs(["l"], torch.zeros(6, 6), 0,
+                       [Reservoir(10_000, seed=b) for b in range(bins)], [HeldOutRows(capacity) for _ in range(bins)],
+                       torch.Generator().manual_seed(seed), fraction)
+
+
+@settings(max_examples=25, deadline=None)
+@given(capacity=st.integers(1, 12), fraction=st.floats(0.05, 0.9), batches=st.lists(st.integers(0, 40), max_size=12),
+       seed=st.integers(0, 2**16))
+def test_held_out_rows_are_in_neither_the_hessian_nor_the_samples(capacity: int, fraction: float, batches: list[int],
+                                                                   seed: int) -> None:
+    """Every finite row is in exactly one of: the Hessian (fitted) or the held-out set; the bin samples hold only
+    fitted rows; at most ``capacity`` rows per bin are held out; the same seed gives the same split."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randn(n, 6, generator=g) for n in batches]
+    rec, again = _with_held_out(capacity, fraction, seed=seed), _with_held_out(capacity, fraction, seed=seed)
+    for i, x in enumerate(rows):
+        rec.update(x, i % 2)
+        again.update(x, i % 2)
+    everything = torch.cat(rows) if rows else torch.zeros(0, 6)
+    held = [h for h in rec.held_out_samples() if h is not None]
+    held = torch.cat(held) if held else torch.zeros(0, 6)
+    assert all(h is None or h.shape[0] <= capacity for h in rec.held_out_samples())
+    is_held = (everything[:, None, :] == held[None, :, :]).all(-1).any(-1)  # rows are distinct (continuous draws)
+    assert int(is_held.sum()) == held.shape[0] == rec.held_out_tokens
+    fitted = everything[~is_held]
+    assert rec.tokens == everything.shape[0] and rec.fitted_tokens == fitted.shape[0]
+    torch.testing.assert_close(rec.hessian.double(), fitted.double().T @ fitted.double(), rtol=1e-5, atol=1e-4)
+    for sample in rec.bin_samples():
+        if sample is not None and held.shape[0]:
+            assert not (sample[:, None, :] == held[None, :, :]).all(-1).any()
+    assert torch.equal(rec.hessian, again.hessian)
+    for a, b in zip(rec.held_out_samples(), again.held_out_samples(), strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_held_out_split_on_the_pipeline_adds_up_to_the_full_hessian(pipe) -> None:
+    """Collected with a held-out split, ``H_fitted + X_held^T X_held`` is the Hessian of every row."""
+    edges = adapter_for(pipe).bin_edges(BINS)
+    groups = {"transformer": [["blocks.0.ffn.net.0.proj"], ["blocks.1.attn2.to_q"]]}
+    full = collect_layer_inputs(pipe, PROMPTS, SETTINGS, groups, edges, max_tokens=16)
+    split = collect_layer_inputs(pipe, PROMPTS, SETTINGS, groups, edges, max_tokens=16, held_out_tokens=8,
+                                 held_out_fraction=0.25)
+    for key, rec in split["transformer"].items():
+        whole = full["transformer"][key]
+        held = torch.cat([h for h in rec.held_out_samples() if h is not None])
+        assert 0 < held.shape[0] == rec.held_out_tokens <= 8 * BINS and rec.tokens == whole.tokens
+        assert rec.fitted_tokens == whole.tokens - held.shape[0]
+        torch.testing.assert_close(rec.hessian + held.float().T @ held.float(), whole.hessian, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(rec.mean_hessian(), rec.hessian / rec.fitted_tokens)
+    assert all(h is None for h in full["transformer"]["blocks.0.ffn.net.0.proj"].held_out_samples())
+    with pytest.raises(ValueError, match="held_out_fraction"):
+        collect_layer_inputs(pipe, PROMPTS, SETTINGS, groups, edges, held_out_tokens=8, held_out_fraction=1.0)
+    with pytest.raises(ValueError, match="held_out_tokens"):
+        collect_layer_inputs(pipe, PROMPTS, SETTINGS, groups, edges, held_out_tokens=-1)

@@ -7,7 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from vidquant.calib.prompts import default_prompts, load_prompts, prompt_set_hash
+from vidquant.calib.prompts import (
+    IDENTITY_SENSITIVE,
+    SCENERY_MOTION,
+    UNCATEGORIZED,
+    categorize,
+    category_group,
+    default_prompts,
+    load_prompts,
+    prompt_categories,
+    prompt_set_hash,
+)
 
 CAPTIONS = ["A red fox runs through snow.", "A neon sign reads OPEN.", "Waves at dusk, slow pan."]
 
@@ -97,3 +107,25 @@ def test_prompt_set_hash() -> None:
     assert h != prompt_set_hash(CAPTIONS[::-1])
     assert prompt_set_hash(["a\nb"]) != prompt_set_hash(["a", "b"])
     assert prompt_set_hash(default_prompts()) == prompt_set_hash(default_prompts())
+
+
+def test_prompt_categories_of_the_bundled_set() -> None:
+    categories = prompt_categories()
+    assert set(categories) == set(default_prompts())  # every bundled prompt sits under a header
+    assert categorize(default_prompts()[:1]) == ["character"] and categorize(["not bundled"]) == [UNCATEGORIZED]
+    counts = {c: list(categories.values()).count(c) for c in set(categories.values())}
+    assert counts["faces"] == 10 and counts["scenery"] == 8
+    groups = {category_group(c) for c in counts}
+    assert groups == {IDENTITY_SENSITIVE, SCENERY_MOTION}
+    assert [c for c in counts if category_group(c) == IDENTITY_SENSITIVE] and category_group("x") == UNCATEGORIZED
+    assert {c for c in counts if category_group(c) == IDENTITY_SENSITIVE} == {
+        "character", "products-logos", "faces", "vehicles-plates", "signs-text", "animals-markings"}
+
+
+def test_prompt_categories_of_a_user_file(tmp_path: Path) -> None:
+    text = "first, before any header\n# ---- My  <shots> ----\nA red kite.\n\n# plain comment\nA blue kite.\n"
+    path = write(tmp_path, "p.txt", text)
+    assert prompt_categories(path) == {"A red kite.": "My <shots>", "A blue kite.": "My <shots>"}
+    assert categorize(load_prompts(path), prompt_categories(path)) == [UNCATEGORIZED, "My <shots>", "My <shots>"]
+    assert prompt_categories(write(tmp_path, "p.json", '["A red kite."]')) == {}
+    assert prompt_categories(write(tmp_path, "plain.txt", "one\ntwo\n")) == {}

@@ -152,11 +152,8 @@ def test_kernel_equals_torch_ops(data: tuple[torch.Tensor, int], name: str) -> N
     assert_same(formats.get(name), x, dim)
 
 
-DECODED = [n for n in ALL if not n.startswith("hif8")]  # HiF8 decodes by a table look-up in torch
-
-
 @settings(max_examples=100, deadline=None)
-@given(data=inputs(), name=st.sampled_from(DECODED), seed=st.integers(0, 2**32 - 1))
+@given(data=inputs(), name=st.sampled_from(ALL), seed=st.integers(0, 2**32 - 1))
 def test_decode_kernel_equals_torch_ops(data: tuple[torch.Tensor, int], name: str, seed: int) -> None:
     """`decode` of real encodings, and of random code and scale bytes (NaN/Inf codes, out-of-range nibbles)."""
     x, dim = data
@@ -206,3 +203,105 @@ def test_independent_of_the_thread_count(name: str) -> None:
     finally:
         numba.set_num_threads(threads)
     assert bits_equal(single, default)
+
+
+# ---- packed decode: bytes -> dense rows ------------------------------------------------------------------
+def reference_decode(fmt: formats.Format, data: torch.Tensor, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The definition of `decode_packed`: ``decode(unpack(...))`` in torch ops."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("VIDQUANT_NO_KERNELS", "1")
+        return fmt.decode(fmt.unpack(data, (n, k), -1, dtype))
+
+
+def assert_packed_bits(got: torch.Tensor, expected: torch.Tensor, whole_blocks: bool) -> None:
+    """Every bit, NaN included: the kernels gather bit patterns that torch's own ``Tensor.to`` wrote, and FP8 / INT
+    hand a NaN product back to the torch path. One exception, torch's own: converting a *strided* tensor, which the
+    reference does when it drops a row's padded tail (``[:, :k]``), writes the bf16 NaN 0x7FC0 where a contiguous
+    one gets 0xFFFF (and fp16 drops a NaN's payload, keeping its sign). With whole blocks nothing is relaxed."""
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    int_view = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[got.dtype]
+    a, b = got.view(int_view), expected.view(int_view)
+    if whole_blocks or got.dtype == torch.float32:
+        assert torch.equal(a, b), f"{(a != b).sum()} patterns differ"
+        return
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(got), nan) and torch.equal(a[~nan], b[~nan])
+    if got.dtype == torch.float16:
+        assert torch.equal(got[nan].signbit(), expected[nan].signbit())
+
+
+@settings(max_examples=120, deadline=None)
+@given(name=st.sampled_from(ALL), dtype=st.sampled_from(DTYPES), rows=st.integers(1, 5), k=st.integers(1, 200),
+       real=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_decode_packed_equals_decode_of_unpack(name: str, dtype: torch.dtype, rows: int, k: int, real: bool,
+                                               seed: int) -> None:
+    """Random bytes (every code, NaN/Inf scales and codes, out-of-range nibbles) and real encodings, any shape."""
+    fmt = formats.get(name)
+    rng = np.random.default_rng(seed)
+    if real:
+        x = torch.from_numpy(rng.standard_normal((rows, k)).astype(f32) * np.exp2(rng.integers(-8, 8, (rows, 1))))
+        data = fmt.pack(fmt.encode(x.to(dtype)))
+    else:
+        data = torch.from_numpy(rng.integers(0, 256, fmt.packed_nbytes(rows, k), dtype=np.uint8))
+    got = fmt.decode_packed(data, rows, k, dtype)
+    assert_packed_bits(got, reference_decode(fmt, data, rows, k, dtype), k == fmt.padded(k))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ALL)
+def test_decode_packed_every_scale_and_code(name: str, dtype: torch.dtype) -> None:
+    """Rows of random bytes, whole blocks, long enough to span several kernel tasks, with every byte value in
+    every position of a block (each scale byte with every code), bit for bit; and one thread gives the same."""
+    fmt = formats.get(name)
+    k = 2 * SEGMENT + 128
+    data = torch.from_numpy(np.random.default_rng(ALL.index(name)).integers(0, 256, fmt.packed_nbytes(64, k),
+                                                                            dtype=np.uint8))
+    if name == "nvfp4":
+        data[-4:] = torch.tensor([0, 0, 0x80, 0x3F], dtype=torch.uint8)  # a tensor scale of 1; random ones below
+    got = fmt.decode_packed(data, 64, k, dtype)
+    assert_packed_bits(got, reference_decode(fmt, data, 64, k, dtype), whole_blocks=True)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        single = fmt.decode_packed(data, 64, k, dtype)
+    finally:
+        numba.set_num_threads(threads)
+    assert torch.equal(single, got) or bits_equal(single, got)
+
+
+def test_decode_packed_nan_and_inf_codes_keep_their_bits() -> None:
+    """The codes whose decode is NaN or Inf: HiF8 0x80 / 0x6F / 0xEF, a HiF4 unit with the NaN scale (both signs of
+    its elements), FP8's NaN bytes and a NaN fp32 scale, in every dtype, against the torch path's exact bits."""
+    cases = {"hif8": torch.tensor([0x80, 0x6F, 0xEF, 0x00, 0x01] * 64, dtype=torch.uint8)}
+    hif4 = torch.zeros(36 * 2, dtype=torch.uint8)
+    hif4[:32] = torch.arange(32, dtype=torch.uint8) * 8 + 0x87  # both nibble signs
+    hif4[32], hif4[36 + 32] = 0xFF, 0x3C  # unit 0: the NaN scale; unit 1: a finite one
+    cases["hif4"] = hif4
+    fp8 = torch.tensor([0x7F, 0xFF, 0x01, 0x80] * 16 + [0, 0, 0xC0, 0x7F], dtype=torch.uint8)  # NaN codes, scale 1.5
+    cases["fp8_e4m3"] = fp8
+    nan_scale = fp8.clone()
+    nan_scale[-4:] = torch.tensor([1, 0, 0xC0, 0xFF], dtype=torch.uint8)  # a negative NaN scale with a payload
+    cases["fp8_e5m2"] = nan_scale
+    for name, data in cases.items():
+        fmt = formats.get(name)
+        k = 64 if name != "hif8" else 320
+        for dtype in DTYPES:
+            got = fmt.decode_packed(data, data.numel() // fmt.packed_nbytes(1, k), k, dtype)
+            expected = reference_decode(fmt, data, got.shape[0], k, dtype)
+            assert torch.isnan(expected).any()
+            assert_packed_bits(got, expected, whole_blocks=True)
+
+
+def test_decode_packed_refuses_bad_input() -> None:
+    fmt = formats.get("hif4")
+    data = fmt.pack(fmt.encode(torch.randn(4, 128)))
+    with pytest.raises(ValueError, match=r"hif4: packed data has 287 bytes, expected 288 for 4 rows of 128"):
+        fmt.decode_packed(data[:-1], 4, 128)
+    with pytest.raises(ValueError, match="expected 216 for 3 rows of 128"):
+        fmt.decode_packed(data, 3, 128)
+    with pytest.raises(ValueError, match="flat uint8"):
+        fmt.decode_packed(data.view(torch.int8), 4, 128)
+    with pytest.raises(ValueError, match="at least one row"):
+        fmt.decode_packed(data, 0, 128)
+    with pytest.raises(ValueError, match="dtype"):
+        fmt.decode_packed(data, 4, 128, torch.float64)

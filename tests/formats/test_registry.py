@@ -71,7 +71,7 @@ def test_bad_input_is_a_clear_error(name: str) -> None:
 
 def _finite(name: str, dtype: torch.dtype) -> st.SearchStrategy[float]:
     """Any finite value the format accepts: fp16's range, and fp16 group scales (amax / qmax) must not overflow."""
-    limit = 60000.0 if dtype == torch.float16 else 4e5 if name.endswith("_g64") else float(np.float32(1e38))
+    limit = 60000.0 if dtype == torch.float16 else 4e5 if "_g64" in name else float(np.float32(1e38))
     return st.floats(-limit, limit, width=32)
 
 
@@ -85,7 +85,8 @@ def test_codes_round_trip(data: st.DataObject, name: str, dtype: torch.dtype) ->
     enc = fmt.encode(x)
     y = fmt.quantize_dequantize(x)
     assert bits_equal(fmt.decode(enc), y)
-    assert torch.equal(fmt.quantize_dequantize(-x), -y)  # by value: integer and HiF8 grids have no -0
+    if not getattr(fmt, "full_range", False):  # int4_g64_full's -8..7 grid is asymmetric by design
+        assert torch.equal(fmt.quantize_dequantize(-x), -y)  # by value: integer and HiF8 grids have no -0
     packed = fmt.pack(enc)
     assert packed.numel() == fmt.packed_nbytes(*x.shape)
     back = fmt.unpack(packed, tuple(x.shape), -1, x.dtype)

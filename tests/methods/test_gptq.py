@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vidquant import formats
 from vidquant.formats import bits_equal
-from vidquant.methods.gptq import GPTQResult, gptq
+from vidquant.methods.fidelity import relative_output_error
+from vidquant.methods.gptq import MIN_HELD_OUT_ROWS, GPTQResult, gptq, gptq_held_out
 
 SUPPORTED = ["hif4", "mxfp4", "mxfp4_sim", "mxfp8", "mxfp8_e5m2", "nvfp4", "nvfp4_sim",
-             "int8", "int4", "int8_g64", "int4_g64"]
-FOUR_BIT = ["hif4", "mxfp4", "nvfp4", "int4_g64"]
+             "int8", "int4", "int8_g64", "int4_g64", "int4_g64_full"]
+FOUR_BIT = ["hif4", "mxfp4", "nvfp4", "int4_g64", "int4_g64_full"]
 
 
 def make_weight(n: int, k: int, seed: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -265,3 +269,119 @@ def test_non_finite_inputs(which: str, bad: float) -> None:
     (w if which == "weight" else h)[1, 2] = bad
     with pytest.raises(ValueError, match=f"layer: {which} contains Inf or NaN"):
         gptq(w, h, "hif4", name="layer")
+
+
+# ---- evaluation off (the hot path) -----------------------------------------------------------------------
+@pytest.mark.parametrize("act_order", [False, True])
+def test_evaluate_off_gives_the_same_codes_without_errors(act_order: bool, caplog: pytest.LogCaptureFixture) -> None:
+    x = correlated_inputs(512, 128, seed=30)
+    w = make_weight(16, 128, seed=31)
+    full = gptq(w, x.T @ x, "hif4", act_order=act_order)
+    with caplog.at_level(logging.INFO, logger="vidquant.methods.gptq"):
+        fast = gptq(w, x.T @ x, "hif4", act_order=act_order, evaluate=False, name="proj")
+    assert torch.equal(fast.encoded.codes, full.encoded.codes) and bits_equal(fast.weight, full.weight)
+    assert fast.error is None and fast.rtn_error is None and full.error is not None
+    assert "gptq proj: hif4 16x128, not evaluated" in caplog.text
+
+
+# ---- few calibration tokens: the held-out rule --------------------------------------------------------------
+def few_token_layer(seed: int, k: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight (64, k), calibration rows (tokens, k), fresh rows (2048, k)): heavy-tailed (Student-t(3)
+    tokens) channels with lognormal scales, mixing 8 shared factors plus as much independent noise, so
+    that a Hessian of fewer than k tokens misses most directions the fresh rows have energy in."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(8, k, generator=g) / 8**0.5
+    scales = torch.exp(torch.randn(k, generator=g) * 0.5)
+
+    def draw(m: int) -> torch.Tensor:
+        chi = (torch.randn(m, 3, generator=g) ** 2).sum(1, keepdim=True)  # per-token chi^2(3): Student-t rows
+        x = torch.randn(m, k, generator=g) / torch.sqrt(chi / 3) + torch.randn(m, 8, generator=g) @ mix
+        return x * scales
+
+    return torch.randn(64, k, generator=g) * 0.02, draw(tokens), draw(2048)
+
+
+def db(ratio: float) -> float:
+    return 10 * math.log10(ratio)
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**16), tokens=st.integers(8 * MIN_HELD_OUT_ROWS, 240),
+       name=st.sampled_from(["hif4", "int4_g64"]))
+def test_rank_deficient_hessian_held_out_error_no_worse_than_rtn(seed: int, tokens: int, name: str) -> None:
+    """Fewer tokens than the 256 inputs: a singular Hessian. With 1/8 of the tokens held out, the kept
+    weight's error on fresh rows is no worse than RTN's (0.1 dB: sampling noise of the fresh rows)."""
+    fmt = formats.get(name)
+    w, x, fresh = few_token_layer(seed, 256, tokens)
+    held, fit = x[: tokens // 8], x[tokens // 8:]
+    h = fit.T @ fit
+    assert torch.linalg.matrix_rank(fit.double().T @ fit.double()) == fit.shape[0] < 256  # singular
+    choice = gptq_held_out(w, h, fmt, held, name="blocks.0.ffn")
+    rtn = relative_output_error(fresh, w, fmt.quantize_dequantize(w))
+    assert db(relative_output_error(fresh, w, choice.weight)) <= db(rtn) + 0.1, choice.info
+    assert bits_equal(fmt.decode(choice.encoded), choice.weight)
+    assert set(choice.errors) >= {"rtn", "damp=0.01", "damp=0.1", "damp=1"}
+
+
+def test_fixed_damping_overfits_a_few_token_hessian_and_the_held_out_rule_does_not() -> None:
+    """The failure the rule is for: GPTQ at damp 0.01 on 160 tokens of 256 inputs is worse than RTN on fresh
+    rows (it fits the singular Hessian); the held-out choice is not."""
+    fmt = formats.get("hif4")
+    w, x, fresh = few_token_layer(3, 256, 160)
+    rtn = db(relative_output_error(fresh, w, fmt.quantize_dequantize(w)))
+    fixed = db(relative_output_error(fresh, w, gptq(w, x.T @ x, fmt, evaluate=False).weight))
+    held, fit = x[:20], x[20:]
+    chosen = db(relative_output_error(fresh, w, gptq_held_out(w, fit.T @ fit, fmt, held).weight))
+    assert fixed > rtn + 1.0 and chosen <= rtn + 0.1, (fixed, rtn, chosen)
+
+
+def test_with_plenty_of_tokens_gptq_is_kept(caplog: pytest.LogCaptureFixture) -> None:
+    fmt = formats.get("hif4")
+    x = correlated_inputs(4096 + 256, 128, seed=32)
+    fit, held = x[:4096], x[4096:]
+    w = make_weight(32, 128, seed=33)
+    with caplog.at_level(logging.INFO, logger="vidquant.methods.gptq"):
+        choice = gptq_held_out(w, fit.T @ fit, fmt, held, name="blocks.1.attn1.to_q")
+    assert choice.method == "gptq" and choice.damp in (0.01, 0.1, 1.0)
+    assert choice.gain_db > 3 and choice.info.startswith(f"damp={choice.damp:g} (+")
+    assert min(choice.errors, key=choice.errors.get) == f"damp={choice.damp:g}"
+    assert "gptq blocks.1.attn1.to_q: damp=" in caplog.text and "held-out errors rtn" in caplog.text
+    single = gptq_held_out(w, fit.T @ fit, fmt, held, damps=[0.1])
+    assert set(single.errors) == {"rtn", "damp=0.1"}
+
+
+def test_too_few_held_out_rows_keep_rtn_unless_told_otherwise() -> None:
+    fmt = formats.get("hif4")
+    x = correlated_inputs(600, 128, seed=34)
+    w = make_weight(16, 128, seed=35)
+    fit, held = x[:512], x[512:512 + MIN_HELD_OUT_ROWS - 1]
+    choice = gptq_held_out(w, fit.T @ fit, fmt, held)
+    assert choice.method == "rtn" and choice.damp is None and choice.gain_db == 0
+    assert "fewer than 16 rows" in choice.info
+    assert bits_equal(choice.weight, fmt.quantize_dequantize(w))
+    forced = gptq_held_out(w, fit.T @ fit, fmt, held, keep_rtn=False)
+    assert forced.method == "gptq" and forced.damp is not None
+
+
+def test_gptq_worse_than_rtn_on_held_out_keeps_rtn() -> None:
+    """Held-out rows from another distribution than the Hessian's: GPTQ moves its error where they live."""
+    fmt = formats.get("hif4")
+    x = correlated_inputs(512, 128, seed=36)
+    held = torch.randn(64, 128, generator=torch.Generator().manual_seed(37)) * x.std(0)
+    w = make_weight(16, 128, seed=38)
+    choice = gptq_held_out(w, x.T @ x, fmt, held)
+    assert choice.method == "rtn" and choice.info.startswith("rtn (gptq worse on held-out: -"), choice.info
+
+
+@pytest.mark.parametrize(
+    ("held", "damps", "match"),
+    [
+        (torch.zeros(4, 7), (0.1,), r"blocks.2.ffn: held_out must be \(M >= 1, 64\) rows"),
+        (torch.zeros(0, 64), (0.1,), "held_out must be"),
+        (torch.full((4, 64), float("nan")), (0.1,), "held_out rows contain Inf or NaN"),
+        (torch.ones(4, 64), (), "damping grid is empty"),
+    ],
+)
+def test_held_out_bad_inputs(held: torch.Tensor, damps: tuple, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        gptq_held_out(make_weight(8, 64, seed=39), torch.eye(64), "hif4", held, damps=damps, name="blocks.2.ffn")

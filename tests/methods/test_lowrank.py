@@ -10,7 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vidquant import formats
-from vidquant.methods.lowrank import METHODS, OVERSAMPLING, LowRankResult, lowrank, refine_lowrank
+from vidquant.methods.fidelity import relative_output_error
+from vidquant.methods.lowrank import (
+    DEFAULT_ITERS,
+    DEFAULT_TOL,
+    MAX_ITERS,
+    METHODS,
+    OVERSAMPLING,
+    LowRankResult,
+    lowrank,
+    refine_lowrank,
+)
 
 hif4 = formats.get("hif4").quantize_dequantize
 
@@ -266,9 +276,59 @@ def test_lowrank_errors(weight: torch.Tensor, rank, kwargs: dict, match: str) ->
         ({"weight": torch.zeros(8, 64)}, "undefined"),
         ({"weight": torch.full((8, 64), math.inf)}, "NaN or inf"),
         ({"rank": 40}, "rank"),
+        ({"tol": 1.0}, "tol"),
+        ({"tol": -0.1}, "tol"),
+        ({"held_out": torch.ones(5, 63)}, "held_out"),
+        ({"held_out": torch.ones(0, 64)}, "held_out"),
+        ({"held_out": torch.full((3, 64), math.nan)}, "held_out holds NaN"),
+        ({"held_out": torch.zeros(3, 64)}, "held-out rows is 0.0"),
     ],
 )
 def test_refine_errors(kwargs: dict, match: str) -> None:
     args = {"weight": torch.randn(32, 64), "rank": 4, "quantize": hif4, **kwargs}
     with pytest.raises(ValueError, match=match):
         refine_lowrank(**args)
+
+
+def held_out_rows(k: int, seed: int, m: int = 256) -> torch.Tensor:
+    """Correlated input rows (m, k): mixed channels, as a layer's inputs are."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, k, generator=g) @ (torch.randn(k, k, generator=g) * 0.1 + torch.eye(k))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_held_out_stopping_runs_past_the_old_cap_until_the_gain_is_below_tol(seed: int) -> None:
+    """Judged on held-out rows the refinement keeps going while it improves (more than the old fixed 8
+    iterations on these layers), stops at the first iteration that gains less than ``tol``, and its
+    recorded errors are the held-out output errors of the stored factors."""
+    weight = outlier_weight(128, 256, seed=seed)
+    x = held_out_rows(256, seed + 100)
+    result = refine_lowrank(weight, 8, hif4, held_out=x, iters=MAX_ITERS, tol=DEFAULT_TOL)
+    ran = len(result.errors) - 1
+    assert DEFAULT_ITERS < ran < MAX_ITERS
+    errors = result.errors
+    assert all(errors[i + 1] < errors[i] * (1 - DEFAULT_TOL) for i in range(ran - 1))  # each kept going for a gain
+    assert not errors[-1] < min(errors[:-1]) * (1 - DEFAULT_TOL)  # and the last one stopped it
+    assert result.best in (ran - 1, ran) and errors[result.best] == min(errors)
+    approx = result.up.float() @ result.down.float()
+    q = approx + hif4(weight - approx)
+    assert relative_output_error(x, weight, q) == pytest.approx(errors[result.best], rel=1e-4)
+    capped = refine_lowrank(weight, 8, hif4, held_out=x, iters=3, tol=DEFAULT_TOL)
+    assert len(capped.errors) == 4 and capped.errors == errors[:4]  # the safety bound
+
+
+def test_a_large_tolerance_stops_early_and_keeps_a_small_gain() -> None:
+    weight = outlier_weight(96, 192, seed=2)
+    x = held_out_rows(192, 7)
+    result = refine_lowrank(weight, 4, hif4, held_out=x, iters=MAX_ITERS, tol=0.5)
+    assert len(result.errors) == 2  # iteration 1 gains, but less than half
+    assert result.best == (1 if result.errors[1] < result.errors[0] else 0)
+
+
+def test_held_out_replaces_the_hessian() -> None:
+    """With held-out rows the calibration Hessian plays no part (it is what the branch would overfit)."""
+    weight = outlier_weight(64, 128, seed=3)
+    x = held_out_rows(128, 8)
+    a = refine_lowrank(weight, 4, hif4, held_out=x, iters=5)
+    b = refine_lowrank(weight, 4, hif4, held_out=x, iters=5, hessian=hessian_with_heavy_channels(128))
+    assert a.errors == b.errors and torch.equal(a.down, b.down)

@@ -3,6 +3,10 @@ within fp32 accumulation-order rounding in several), and the dense weight is nev
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -99,3 +103,57 @@ def test_packed_runtime_errors() -> None:
         QuantLinear(base, "hif4", None, runtime="packed", quantized_weight=torch.zeros(40, 96))
     with pytest.raises(ValueError, match="tile_rows"):
         QuantLinear(base, "hif4", None, runtime="packed", tile_rows=0)
+
+
+# ---- bad input: refused with the layer's name, nothing half-applied -----------------------------------------
+DATA = Path(__file__).parents[1] / "data"
+
+
+def test_a_packed_weight_that_does_not_fit_its_layer_is_refused_by_name_before_any_change() -> None:
+    """Bytes one short, the bytes of another layer's shape, another format's name, another dtype: `apply` names the
+    layer and the tensor, and the pipeline is left as it was (every layer is checked before the first swap)."""
+    state = vidquant.load_state(DATA / "state-v2-svdquant-gptq-hif4")
+    names = [n for n, layer in state.layers.items() if "weight_packed" in layer.tensors]
+    name = names[-1]  # the last layer: a half-applying loop would have swapped all the others first
+    other = next(n for n in names if state.layers[n].tensors["weight_packed"].numel()
+                 != state.layers[name].tensors["weight_packed"].numel())
+    good = state.layers[name]
+    packed = good.tensors["weight_packed"]
+    bad = {
+        "one byte short": (good.weight_format, packed[:-1]),
+        "another layer's shape": (good.weight_format, state.layers[other].tensors["weight_packed"]),
+        "another format": ("nvfp4", packed),
+        "another dtype": (good.weight_format, packed.view(torch.int8)),
+    }
+    for why, (weight_format, data) in bad.items():
+        state.layers[name] = replace(good, weight_format=weight_format, tensors={**good.tensors, "weight_packed": data})
+        pipe = tiny.build_tiny_pipeline()
+        with pytest.raises(ValueError, match=rf"^layer {re.escape(name)}: weight_packed must hold \d+ uint8 bytes"):
+            vidquant.apply(pipe, state, runtime="packed")
+        assert not any(isinstance(m, QuantLinear) for m in pipe.transformer.modules()), why
+        assert not any(isinstance(m, QuantLinear) for m in pipe.transformer_2.modules()), why
+
+
+def test_an_encoding_whose_scale_tensors_do_not_match_its_format_is_refused() -> None:
+    """A PackedLinearWeight (or a packed QuantLinear) built from an encoding: wrong codes width, a scale tensor of
+    the wrong shape or dtype, a missing one: a ValueError that says which, before anything is packed."""
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(5))
+    enc = formats.get("hif4").encode(w)
+    cases = {
+        "codes": replace(enc, codes=enc.codes[:, :64]),
+        "scale tensor 'scale' must be torch.uint8": replace(enc, meta={**enc.meta, "scale": enc.meta["scale"][:, :1]}),
+        "scale tensor 'eb' must be torch.uint8": replace(enc, meta={**enc.meta, "eb": enc.meta["eb"].float()}),
+        "do not match the format's": replace(enc, meta={k: v for k, v in enc.meta.items() if k != "ec"}),
+        "dtype": replace(enc, dtype=torch.int8),
+    }
+    for message, bad in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            PackedLinearWeight(bad)
+    nv = formats.get("nvfp4").encode(w)
+    with pytest.raises(ValueError, match=re.escape("scale tensor 'tensor_scale' must be torch.float32 (8, 1)")):
+        PackedLinearWeight(replace(nv, meta={**nv.meta, "tensor_scale": nv.meta["tensor_scale"][:1]}))
+    with pytest.raises(ValueError, match="share one tensor scale"):  # rows of one weight under two tensor scales
+        PackedLinearWeight(replace(nv, meta={**nv.meta, "tensor_scale": nv.meta["tensor_scale"] * torch.arange(
+            1.0, 9.0).unsqueeze(1)}))
+    with pytest.raises(ValueError, match="packed data has 575 bytes, expected 576"):
+        PackedLinearWeight.from_bytes(formats.get("hif4").pack(enc)[:-1], "hif4", (8, 128), torch.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from vidquant.models import adapter_for, tiny, wan
 from vidquant.nn import QuantLinear
 from vidquant.ptq import svdquant_gptq
 from vidquant.recipes import Recipe, load_recipe
+from vidquant.state import MANIFEST
 
 SETTINGS = CalibSettings(num_prompts=2, steps=6, height=32, width=32, frames=5, bins=2)
 PROMPTS = default_prompts()
@@ -184,3 +186,56 @@ def test_a_checkpoint_made_from_other_statistics_is_not_resumed(
                                   hessian_budget_gb=budget)
     assert "made from other inputs (base stats_fingerprint" in caplog.text
     assert state.base["stats_fingerprint"] == other.fingerprint() != stats.fingerprint()
+
+
+def test_state_records_the_held_out_choices_and_warns_of_few_tokens(
+    base_dir: Path, state, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every layer's info says what GPTQ / the branch / the clip search kept and on how many tokens; the tiny
+    pipeline's few calibration tokens are warned about by layer name, in the manifest and in `inspect`."""
+    from typer.testing import CliRunner
+
+    from vidquant.cli import app
+
+    pipe = fresh(base_dir)
+    for name, layer in state.layers.items():
+        info = layer.info
+        k = adapter_for(pipe).linear(name).in_features
+        assert info["tokens"] > 0 and info["held_out_tokens"] > 0
+        assert info["gptq"].startswith(("rtn (", "damp=")), info
+        assert "iterations, kept" in info["lowrank"]
+        assert ("warning" in info) == (info["tokens"] < 4 * k)
+        assert str(info["tokens"]) in info.get("warning", str(info["tokens"]))
+    assert any("warning" in layer.info for layer in state.layers.values())  # 2 prompts of 32 x 32: few tokens
+    state.save(tmp_path / "state")
+    manifest = json.loads((tmp_path / "state" / MANIFEST).read_text())
+    saved = {name: entry["info"] for name, entry in manifest["layers"].items()}
+    assert saved == {name: layer.info for name, layer in state.layers.items()}
+    loaded = vidquant.load_state(tmp_path / "state")
+    assert {name: layer.info for name, layer in loaded.layers.items()} == saved
+    assert loaded.fingerprint() == state.fingerprint()
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "state")], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    warned = [name for name, layer in state.layers.items() if "warning" in layer.info]
+    assert f"{len(warned)} layers warned at quantization" in result.output
+    assert f"{warned[0]}: few calibration tokens" in result.output
+    assert "GPTQ kept on" in result.output
+
+
+def test_without_held_out_rows_gptq_runs_at_the_first_damping(base_dir: Path, stats) -> None:
+    """``held_out.max_tokens: 0`` switches the rule off: one damping, as before, said so in the info."""
+    plain = vidquant.quantize(fresh(base_dir), recipe(held_out={"max_tokens": 0}, gptq={"damp": 0.1}), stats)
+    for layer in plain.layers.values():
+        assert layer.info["gptq"] == "damp=0.1 (no held-out rows: not verified)"
+        assert "held_out_tokens" not in layer.info and "calibration Hessian" in layer.info["lowrank"]
+
+
+def test_recipe_damping_accepts_a_number_a_list_or_auto() -> None:
+    grid = [0.01, 0.1, 1.0]
+    assert recipe(gptq={"damp": "auto"}).options.gptq.damp == grid
+    assert recipe(gptq={"damp": 0.05}).options.gptq.damp == [0.05]
+    assert recipe(gptq={"damp": [1.0, 0.1, 1.0]}).options.gptq.damp == [1.0, 0.1]
+    assert load_recipe("svdquant-gptq-hif4").options.gptq.damp == grid
+    for bad in ([], [0.0], [float("nan")], "none"):
+        with pytest.raises(ValueError, match="damp"):
+            recipe(gptq={"damp": bad})

@@ -171,14 +171,14 @@ def test_svdquant_gptq_recipes_load() -> None:
         loaded = load_recipe(f"svdquant-gptq-{fmt}")
         assert (loaded.method, loaded.weights, loaded.activations) == ("svdquant-gptq", fmt, fmt)
         o = loaded.options  # the method's own section
-        assert (o.lowrank.rank, o.gptq.block_size, o.gptq.damp, o.clip_search.bins) == (32, 128, 0.01, 4)
+        assert (o.lowrank.rank, o.gptq.block_size, o.gptq.damp, o.clip_search.bins) == (32, 128, [0.01, 0.1, 1.0], 4)
         assert o.clip_search.enabled and o.gptq.enabled and 1.0 in o.clip_search.grid
     lowrank = load_recipe("svdquant-gptq-hif4").options.lowrank
     assert (lowrank.rank_for(5120, 13824), lowrank.rank_for(32, 32), lowrank.rank_for(96, 64)) == (32, 4, 8)
     data = load_recipe("tail-aware-hif4").to_dict()
     assert "lowrank" not in data and "svdquant-gptq" not in data and "smoothquant" not in data
     assert set(load_recipe("svdquant-gptq-hif4").to_dict()["svdquant-gptq"]) == {
-        "lowrank", "gptq", "clip_search", "sequential_experts"}
+        "lowrank", "gptq", "clip_search", "held_out", "sequential_experts"}
 
 
 def test_options_written_at_the_top_level_still_load() -> None:
@@ -235,7 +235,9 @@ def test_user_file_loads_and_takes_its_file_name(tmp_path: Path) -> None:
         ("weights: hif4\nactivations: hif4\nmethod: svdquant-gptq\nsvdquant-gptq: {clip_search: {bins: 100000000}}\n",
          "svdquant-gptq.clip_search.bins: "),
         ("weights: hif4\nactivations: hif4\nsvdquant-gptq: {gptq: {damp: 1}}\n", "unknown key 'svdquant-gptq'"),
-        ("weights: hif4\nactivations: hif4\nprotect_blocks: [a]\n", r"protect_blocks.0: "),
+        ("weights: hif4\nactivations: hif4\nprotect_blocks: [a]\n", r"protect_blocks: .*integers.*'a'"),
+        ("weights: hif4\nactivations: hif4\nprotect_blocks: all\n", r"protect_blocks: .*or 'auto', got 'all'"),
+        ("weights: hif4\nactivations: hif4\nprotect_blocks: auto\n", r"auto needs max_protected_blocks"),
         ("weights: hif4\nactivations: hif4\nmax_protected_blocks: -1\n", "max_protected_blocks: "),
         ("weights: hif4\nactivations: hif4\nprotect: ['re:(']\n",
          r"protect: invalid regular expression in pattern 're:\('"),
@@ -258,7 +260,8 @@ def test_bad_files_name_the_file_and_the_key(tmp_path: Path, text: str, message:
 
 
 def test_unknown_recipe_name_or_missing_file() -> None:
-    with pytest.raises(ValueError, match=r"tail-aware-hif5: neither a bundled recipe \(max-hif4, .*\) nor a file"):
+    with pytest.raises(ValueError, match=r"tail-aware-hif5: neither a bundled recipe \(auto-boundary-hif8, .*\) "
+                                         r"nor a file"):
         load_recipe("tail-aware-hif5")
 
 

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..models import adapter_for
+from ..models import CallInfo, adapter_for
 from .calibrate import CalibSettings
-from .data import generate
+from .data import ForwardLoop, generate, is_prompts, run_loop
 
 logger = logging.getLogger(__name__)
 
@@ -137,3 +141,107 @@ def _hook(reservoir: Reservoir):
         reservoir.add(args[0])
 
     return hook
+
+
+@dataclass
+class ExpertCall:
+    """One recorded expert call: what it was (`CallInfo`) and its inputs, detached on the CPU, to replay."""
+
+    info: CallInfo
+    args: tuple
+    kwargs: dict[str, Any]
+
+    def replay(self, model: nn.Module) -> Tensor:
+        """Run ``model`` on these inputs (moved to its device); the denoiser's output tensor."""
+        device = next(model.parameters()).device
+        out = model(*_to(self.args, device), **_to(self.kwargs, device))
+        return first_tensor(out)
+
+
+def capture_calls(
+    model: Any,
+    data: list[str] | ForwardLoop,
+    settings: CalibSettings | None,
+    max_calls: int = 8,
+    seed_offset: int = 10_000,
+) -> dict[str, list[ExpertCall]]:
+    """Up to ``max_calls`` recorded calls of every expert of ``model``, in call order, to replay cheaply.
+
+    Prompts run through the pipeline under ``settings`` with the held-out seeds ``settings.seed +
+    seed_offset + i`` (clear of calibration's); a forward loop runs as given (its own batches: nothing is
+    held out). Calls are kept by the smallest keys of a seeded generator (bottom-k), so memory stays at
+    ``max_calls`` inputs per expert (a Wan call's inputs are latents and the text context: ~25 MB at 720p)
+    and every timestep is as likely to be kept.
+    """
+    if max_calls < 1:
+        raise ValueError(f"max_calls must be >= 1, got {max_calls}")
+    adapter = adapter_for(model)
+    generator = torch.Generator().manual_seed(seed_offset if settings is None else settings.seed + seed_offset)
+    kept: dict[str, list[tuple[float, int, ExpertCall]]] = {name: [] for name in adapter.experts()}
+    counter = [0]
+
+    def record(expert: str, info: CallInfo, args: tuple, kwargs: dict) -> None:
+        key = float(torch.rand((), generator=generator, dtype=torch.float64))
+        calls = kept[expert]
+        counter[0] += 1
+        if len(calls) < max_calls or key < calls[-1][0]:
+            calls.append((key, counter[0], ExpertCall(info, _to(args, "cpu"), _to(kwargs, "cpu"))))
+            calls.sort(key=lambda c: c[0])
+            del calls[max_calls:]
+
+    with torch.no_grad(), _recording(adapter, record):
+        if is_prompts(data):
+            if settings is None:
+                raise ValueError("capturing calls from prompts needs the calibration protocol (settings)")
+            model.set_progress_bar_config(disable=True)
+            for i, prompt in enumerate(data):
+                logger.info("capturing expert calls, prompt %d/%d: %s", i + 1, len(data), prompt[:80])
+                generate(model, prompt, settings, seed=settings.seed_for(seed_offset + i))
+        else:
+            run_loop(model, data)
+    result = {expert: [call for _, _, call in sorted(calls, key=lambda c: c[1])] for expert, calls in kept.items()}
+    if empty := [expert for expert, calls in result.items() if not calls]:
+        raise ValueError(f"no call of expert {', '.join(empty)} was seen while capturing (check the step count)")
+    return result
+
+
+@contextmanager
+def _recording(adapter: Any, record: Any) -> Iterator[None]:
+    """Within the block, ``record(expert, info, args, kwargs)`` sees every expert call (its `CallInfo` from the
+    adapter's `watching_calls`, whose hook runs first)."""
+    current: dict[str, CallInfo] = {}
+    handles = []
+    with adapter.watching_calls(current.__setitem__):
+        for name, expert in adapter.experts().items():
+            def hook(_m: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
+                record(name, current[name], args, kwargs)
+
+            handles.append(expert.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    """``value`` with every tensor inside (tuples, lists, dicts) detached and moved to ``device``."""
+    if isinstance(value, Tensor):
+        return value.detach().to(device, copy=str(device) == "cpu")
+    if isinstance(value, tuple | list):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def first_tensor(out: Any) -> Tensor:
+    """The main output inside a model's return value: a tensor, a tuple's first item, or the first field of a
+    diffusers / transformers output object (``.sample``, ``.last_hidden_state``)."""
+    if isinstance(out, Tensor):
+        return out
+    if hasattr(out, "to_tuple"):  # diffusers BaseOutput and transformers ModelOutput: fields in order, None left out
+        out = out.to_tuple()
+    if isinstance(out, tuple | list) and out:
+        return first_tensor(out[0])
+    raise ValueError(f"cannot find the output tensor in a {type(out).__name__}")

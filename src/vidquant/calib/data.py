@@ -18,6 +18,8 @@ import torch
 from ..checksum import hash_tensor
 from ..eval.protocol import Protocol
 from ..models import adapter_for
+from .prompts import default_prompts, prompt_set_hash
+from .settings import CalibSettings
 
 ForwardLoop = Callable[[Any], Any] | Iterable[Any]
 CalibData = list[str] | ForwardLoop
@@ -78,3 +80,22 @@ def _hash_batch(digest: Any, batch: Any) -> None:
             _hash_batch(digest, item)
     else:
         digest.update(f"|{batch!r}".encode())
+
+
+def calibration_data(stats: Any, prompts: list[str] | None,
+                     forward_loop: ForwardLoop | None) -> tuple[CalibData, CalibSettings]:
+    """The data ``stats`` (a `CalibStats`) were calibrated on, checked by hash, and their settings: for a method's
+    second pass or a held-out replay. Prompts default to the bundled ones; a forward loop must be given again."""
+    settings = CalibSettings.model_validate(stats.meta["settings"])
+    if stats.meta.get("data_kind", "prompts") == "forward_loop":
+        if forward_loop is None:
+            raise ValueError("these statistics come from a forward loop: pass the same forward_loop to quantize")
+        return forward_loop, settings
+    if forward_loop is not None and not is_prompts(forward_loop):
+        raise ValueError("these statistics were calibrated on prompts: pass the prompts, not a forward loop")
+    n = settings.num_prompts
+    prompts = (default_prompts() if prompts is None else list(prompts))[:n]
+    if prompt_set_hash(prompts) != stats.meta["prompt_set_hash"]:
+        raise ValueError("these statistics were calibrated on other prompts than the ones given (prompt set hash "
+                         "differs): pass the calibration prompts (--calib-prompts / --prompts) they were made from")
+    return prompts, settings

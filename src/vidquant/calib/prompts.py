@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -51,6 +52,66 @@ def default_prompts() -> list[str]:
     """The bundled calibration prompts (``data/default_prompts.txt``)."""
     source = resources.files(__package__) / "data" / "default_prompts.txt"
     return _parse_text(source.read_text(encoding="utf-8"))
+
+
+UNCATEGORIZED = "uncategorized"
+IDENTITY_SENSITIVE = "identity-sensitive"
+SCENERY_MOTION = "scenery / motion"
+# Short names of the bundled set's `# ---- <header> ----` sections (first word of the header, lower case) and
+# whether the section is identity-sensitive: what low-bit video models lose first (HiF4 paper: subject
+# consistency 0.93 -> 0.53) against scenes where no particular subject has to stay itself.
+_BUNDLED_CATEGORIES = {
+    "mara": ("character", True), "products": ("products-logos", True), "faces": ("faces", True),
+    "vehicles": ("vehicles-plates", True), "signs": ("signs-text", True), "animals": ("animals-markings", True),
+    "landscapes": ("scenery", False), "city": ("city-motion", False), "interiors": ("interiors-craft", False),
+    "fantasy": ("fantasy-animation", False),
+}
+_HEADER = re.compile(r"^#\s*-{3,}\s*(?P<title>.*?)\s*-*\s*$")
+
+
+def prompt_categories(path: str | Path | None = None) -> dict[str, str]:
+    """Each prompt's category from the ``# ---- <category> ----`` headers of a text prompt file (default: the
+    bundled set), so that reports can break results down by what a prompt tests; {} for a file without them.
+
+    A bundled header maps to its short name (`category_group` says which are identity-sensitive); any other
+    header is its own category, named by its text. Prompts before the first header have none.
+    """
+    if path is None:
+        text = (resources.files(__package__) / "data" / "default_prompts.txt").read_text(encoding="utf-8")
+    else:
+        path = Path(path)
+        if path.suffix.lower() in (".json", ".jsonl"):
+            return {}
+        try:
+            text = Path(path).read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read prompt file {path}: {e}") from None
+    categories: dict[str, str] = {}
+    current = None
+    for line in (raw.strip() for raw in text.splitlines()):
+        if match := _HEADER.match(line):
+            title = match["title"]
+            known = _BUNDLED_CATEGORIES.get(title.split(" ", 1)[0].rstrip(",").lower()) if path is None else None
+            current = known[0] if known else (" ".join(title.split())[:60] or None)
+        elif line and not line.startswith("#") and current is not None:
+            categories.setdefault(line, current)
+    return categories
+
+
+def categorize(prompts: list[str], categories: dict[str, str] | None = None) -> list[str]:
+    """The category of each prompt (`prompt_categories` of the bundled set unless given); "uncategorized" for
+    prompts it does not know, e.g. those of a user's file without headers."""
+    known = prompt_categories() if categories is None else categories
+    return [known.get(p.strip(), UNCATEGORIZED) for p in prompts]
+
+
+def category_group(category: str) -> str:
+    """"identity-sensitive" (recurring character, products and logos, faces, vehicles and plates, signs and text,
+    animal markings), "scenery / motion" (the bundled set's other sections), else "uncategorized"."""
+    for name, identity in _BUNDLED_CATEGORIES.values():
+        if category == name:
+            return IDENTITY_SENSITIVE if identity else SCENERY_MOTION
+    return UNCATEGORIZED
 
 
 def prompt_set_hash(prompts: list[str]) -> str:

@@ -143,6 +143,7 @@ def report(evaluation: Evaluation, out: str | Path, *, state: Any = None, stats:
         sqnr=list(sqnr or []),
         tails=worst_tails(stats) if stats is not None else [],
         notes=evaluation.notes,
+        plan={} if state is None else state.plan,
     )
     return write_report(out, data)
 

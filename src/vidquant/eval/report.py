@@ -24,6 +24,7 @@ import numpy as np
 from .. import __version__
 from ..atomic import atomic_path
 from . import report_plots as plots
+from .blocks_report import blocks_section
 from .templates import page
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class ReportData:
     - ``sqnr``: per-layer rows ``{"layer", "expert", "sqnr_db"}`` in model order
     - ``tails``: `ActivationTail` of the worst layers (the first 8 are plotted)
     - ``notes``: shown as call-outs (e.g. why VBench is missing); ``extra``: any other settings, shown as is
+    - ``plan``: the state's layer plan; when ``protect_blocks: auto`` chose its blocks, the sensitivity table
     """
 
     metrics: list[Metric]
@@ -157,6 +159,7 @@ class ReportData:
     tails: list[ActivationTail] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    plan: Mapping[str, Any] = field(default_factory=dict)
     title: str = "vidquant: quantized vs BF16"
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
@@ -250,8 +253,8 @@ def _render(data: ReportData, ranking: list[PromptRank], summary: dict, max_stri
     subtitle = " · ".join(escape(s) for s in (recipe, data.model, data.created) if s)
     body = [_cards(data, summary)]
     body += [f'<div class="note">{escape(n)}</div>' for n in data.notes]
-    body += [_metrics_table(data), _prompts_table(data, ranking), _sqnr_section(data), _tails_section(data),
-             _strips_section(data, ranking, max_strips), _settings_section(data)]
+    body += [_metrics_table(data), _prompts_table(data, ranking), _sqnr_section(data), blocks_section(data.plan),
+             _tails_section(data), _strips_section(data, ranking, max_strips), _settings_section(data)]
     footer = f"vidquant {escape(data.library_version)} · generated {escape(data.created)} · self-contained file"
     return page(escape(data.title), subtitle, "\n".join(b for b in body if b), footer)
 

@@ -84,24 +84,43 @@ class Format(ABC):
         self, data: Tensor, shape: tuple[int, ...], dim: int = -1, dtype: torch.dtype = torch.bfloat16
     ) -> Encoded:
         """Inverse of `pack`: the encoding of a tensor of ``shape``/``dtype`` packed along ``dim``."""
-        if data.dtype != torch.uint8 or data.dim() != 1:
-            raise ValueError(f"{self.name}: packed data must be a flat uint8 tensor, got {data.dtype} "
-                             f"with shape {tuple(data.shape)}")
         shape = tuple(int(s) for s in shape)
         dim = _check_dim(dim, len(shape), self.name)
-        if dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{self.name}: dtype must be one of {FLOAT_DTYPES}, got {dtype}")
         k = shape[dim]
         n_rows = 1
         for i, s in enumerate(shape):
             if i != dim:
                 n_rows *= s
-        expected = self.packed_nbytes(n_rows, k)
-        if data.numel() != expected:
-            raise ValueError(f"{self.name}: packed data has {data.numel()} bytes, expected {expected} "
-                             f"for shape {shape} along dim {dim}")
+        self._check_packed(data, n_rows, k, dtype, f"shape {shape} along dim {dim}")
         codes, meta = self._unpack_rows(data, n_rows, k)
         return Encoded(self.name, codes, meta, shape, dim, dtype)
+
+    def decode_packed(self, data: Tensor, n_rows: int, k: int, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+        """``decode(unpack(data, (n_rows, k), -1, dtype))``, the ``(n_rows, k)`` rows, straight from the bytes.
+
+        The packed runtime decodes a weight tile per call: on the CPU a fused kernel reads the bytes and writes
+        the rows in one pass (`kernels`; no codes or metadata tensors in between), equal to the definition bit
+        for bit (tests); other devices, and the rare input a kernel hands back, run the definition in torch ops.
+        """
+        if n_rows < 1 or k < 1:
+            raise ValueError(f"{self.name}: packed rows need at least one row of one value, got {n_rows} x {k}")
+        self._check_packed(data, n_rows, k, dtype, f"{n_rows} rows of {k}")
+        if use_cpu_kernels(data):
+            out = self._decode_packed_rows(data.contiguous(), n_rows, k, dtype)
+            if out is not None:
+                return out
+        enc = self.unpack(data, (n_rows, k), -1, dtype)
+        return Format._decode_rows_as(self, enc.codes, enc.meta, k, dtype)  # the torch ops: the definition
+
+    def _check_packed(self, data: Tensor, n_rows: int, k: int, dtype: torch.dtype, what: str) -> None:
+        if not isinstance(data, Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
+            got = f"{data.dtype} with shape {tuple(data.shape)}" if isinstance(data, Tensor) else type(data).__name__
+            raise ValueError(f"{self.name}: packed data must be a flat uint8 tensor, got {got}")
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{self.name}: dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+        expected = self.packed_nbytes(n_rows, k)
+        if data.numel() != expected:
+            raise ValueError(f"{self.name}: packed data has {data.numel()} bytes, expected {expected} for {what}")
 
     def padded(self, k: int) -> int:
         """Length of a row of ``k`` values once padded to whole blocks."""
@@ -129,6 +148,11 @@ class Format(ABC):
     @abstractmethod
     def packed_nbytes(self, n_rows: int, k: int) -> int:
         """Bytes `pack` writes for ``n_rows`` rows of ``k`` values."""
+
+    def _decode_packed_rows(self, data: Tensor, n_rows: int, k: int, dtype: torch.dtype) -> Tensor | None:
+        """`decode_packed` by a CPU kernel on checked, contiguous bytes; None: no kernel serves them (the definition
+        runs)."""
+        return None
 
     def _decode_rows_as(self, codes: Tensor, meta: dict[str, Tensor], k: int, dtype: torch.dtype) -> Tensor:
         """`_decode_rows` in ``dtype``: a fast path may write ``dtype`` directly (rounding as ``Tensor.to`` does)."""

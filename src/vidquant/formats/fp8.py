@@ -53,6 +53,13 @@ class FP8Format(Format):
             return super()._decode_rows_as(codes, meta, k, dtype)
         return decode_blocks(codes, self.grid.value(every_byte()), meta["scale"], k, k, dtype)
 
+    def _decode_packed_rows(self, data: Tensor, n_rows: int, k: int, dtype: torch.dtype) -> Tensor | None:
+        out = torch.empty(n_rows, k, dtype=dtype)
+        if kernels.scaled_decode(data.numpy().reshape(n_rows, -1), k, False, SCALE_BYTES,
+                                 self.grid.value(every_byte()).numpy(), kernel_array(out)):
+            return out
+        return None  # a NaN product (a corrupt weight): the torch decode writes its bits
+
     def _pack_rows(self, codes: Tensor, meta: dict[str, Tensor]) -> Tensor:
         return pack_blocks(codes.unsqueeze(1), float_bytes(meta["scale"]))
 

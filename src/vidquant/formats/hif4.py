@@ -17,8 +17,10 @@ Eb/Ec bits LSB first: 36 bytes per 64 values, 4.5 bits per value.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -149,6 +151,12 @@ class HiF4Format(Format):
         kernels.hif4_decode(*arrays, scale_value(every_byte()).numpy(), kernel_array(out))
         return out
 
+    def _decode_packed_rows(self, data: Tensor, n_rows: int, k: int, dtype: torch.dtype) -> Tensor:
+        out = torch.empty(n_rows, k, dtype=dtype)
+        table = _packed_table(self, dtype)
+        kernels.hif4_decode_packed(data.numpy().reshape(n_rows, -1), table, kernels.bits_array(out))
+        return out
+
     def _pack_rows(self, codes: Tensor, meta: dict[str, Tensor]) -> Tensor:
         elements = pack_elements(codes.unflatten(-1, (-1, UNIT)), bits=4)  # (R, U, 32)
         eb = _bits_to_mask(meta["eb"])
@@ -209,6 +217,21 @@ class HiF4Columns(ColumnQuantizer):
         codes = signed_codes(values, round_magnitudes(values.abs(), self._r[:, unit], p))
         self.codes[:, column] = codes
         return code_values(codes, self._s[:, unit], p)
+
+
+@functools.cache
+def _packed_table(fmt: HiF4Format, dtype: torch.dtype) -> np.ndarray:
+    """Output bits of every (E6M2 byte, Eb + Ec, nibble), flat, for `kernels.hif4_decode_packed`, by the torch decode.
+
+    Row r is a unit with scale byte r three times over, with Eb + Ec = 0, 1, 2, each holding the nibbles 0..15
+    four times; ``_decode_rows(...).to(dtype)`` is exactly what `decode` computes for any unit's element.
+    """
+    codes = torch.arange(16, dtype=torch.uint8).repeat(256, 3 * 4)  # (256, 3 units x 64)
+    eb = torch.tensor([0, 0, 1], dtype=torch.uint8).reshape(1, 3, 1).expand(256, 3, 8)
+    ec = torch.tensor([0, 1, 1], dtype=torch.uint8).reshape(1, 3, 1).expand(256, 3, 16)
+    scale = every_byte().reshape(256, 1).expand(256, 3)
+    values = fmt._decode_rows(codes, {"scale": scale, "eb": eb, "ec": ec}, 3 * UNIT)
+    return kernels.output_bits(values.reshape(256, 3, 4, 16)[:, :, 0].reshape(-1), dtype)
 
 
 # ---- the numba kernel (kernels.hif4_qdq) runs the same steps fused per unit ----------------------------------

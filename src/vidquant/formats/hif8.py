@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import kernels
 from .base import Format, use_cpu_kernels
 from .minifloat import floor_log2, pow2
 from .registry import register
@@ -32,6 +33,8 @@ INF_THRESHOLD = 40960.0  # 1.25 * 2^15, the midpoint between 0x6E and the Inf sl
 ZERO_THRESHOLD = 2.0**-23  # half of the smallest value 2^-22 (step 1)
 NAN_CODE = 0x80
 INF_CODE = 0x6F
+# |x| where HiF8 keeps its full 3 mantissa bits (|E| <= 3); 2 bits up to 2^8, 1 up to 2^15, powers of two below 2^-15
+FULL_PRECISION_BAND = (2.0**-3, 2.0**4)
 
 # The bit layout after the sign bit, row by row: dot prefix, exponent field width D (None: denormal),
 # mantissa width.
@@ -163,6 +166,18 @@ class HiF8Format(Format):
     def _decode_rows(self, codes: Tensor, meta: dict[str, Tensor], k: int) -> Tensor:
         return _tables(codes.device)[0][codes.to(torch.int64)]
 
+    def _decode_rows_as(self, codes: Tensor, meta: dict[str, Tensor], k: int, dtype: torch.dtype) -> Tensor:
+        if not use_cpu_kernels(codes):
+            return super()._decode_rows_as(codes, meta, k, dtype)
+        if codes.dtype != torch.uint8 or codes.dim() != 2 or codes.shape[1] != k:
+            raise ValueError(f"{self.name}: codes must be uint8 (R, {k}), got {codes.dtype} {tuple(codes.shape)}")
+        out = torch.empty(codes.shape[0], k, dtype=dtype)
+        kernels.gather_decode(codes.contiguous().numpy(), _decoded_bits(self, dtype), kernels.bits_array(out))
+        return out
+
+    def _decode_packed_rows(self, data: Tensor, n_rows: int, k: int, dtype: torch.dtype) -> Tensor:
+        return self._decode_rows_as(data.reshape(n_rows, k), {}, k, dtype)
+
     def _pack_rows(self, codes: Tensor, meta: dict[str, Tensor]) -> Tensor:
         return codes.contiguous()
 
@@ -176,6 +191,13 @@ class HiF8Format(Format):
         if use_cpu_kernels(rows):
             return _qdq_kernel(rows, self.saturate)
         return _quantize(rows, self.saturate).to(rows.dtype)
+
+
+@functools.cache
+def _decoded_bits(fmt: HiF8Format, dtype: torch.dtype) -> np.ndarray:
+    """Output bits of each of the 256 codes as the torch decode writes them in ``dtype`` (`kernels.gather_decode`)."""
+    codes = torch.arange(256, dtype=torch.uint8).reshape(1, 256)
+    return kernels.output_bits(fmt._decode_rows(codes, {}, 256).reshape(-1), dtype)
 
 
 def _hif8(name: str, saturate: bool, overflow: str) -> HiF8Format:

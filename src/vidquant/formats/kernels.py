@@ -514,3 +514,139 @@ def hif4_decode(codes, scale, eb, ec, scale_values, out):
                 p = np.int32(eb[row, unit, j >> 3]) + np.int32(ec[row, unit, j >> 2])
                 mag = np.float32(np.float32(np.float32(c[i] & 7) * np.float32(0.25)) * pow2f(p)) * s
                 store(y, i, np.float32(-mag if c[i] & 8 else mag))
+
+
+# ---- packed decode: a format's bytes straight to dense rows, in one pass ------------------------------------------
+# `Format.decode_packed` is ``decode(unpack(bytes))``. Where a value depends only on bytes (an element code and a
+# one-byte scale: HiF4, HiF8, MX, NVFP4 under its tensor scale), the kernels gather from a table that holds the
+# *output bit patterns* of every combination, made once by the format's own torch decode and torch's own
+# ``Tensor.to``: equal to the reference by construction, NaN included (torch writes 0xFFFF for every bf16 NaN,
+# whatever its sign, where a rounding kernel would keep the sign). FP8 and INT scales are free fp32 / fp16
+# values: their kernel multiplies as the torch decode does and reports a NaN product (an Inf or NaN byte in a
+# corrupt weight), for which the caller takes the reference path.
+_BITS_VIEW = {torch.bfloat16: (torch.int16, np.uint16), torch.float16: (torch.int16, np.uint16),
+              torch.float32: (torch.int32, np.uint32)}
+
+
+def bits_array(t: Tensor) -> np.ndarray:
+    """The unsigned-integer numpy view of a contiguous CPU float tensor's bits (no copy)."""
+    torch_view, np_view = _BITS_VIEW[t.dtype]
+    return t.detach().view(torch_view).numpy().view(np_view)
+
+
+def output_bits(values: Tensor, dtype: torch.dtype) -> np.ndarray:
+    """Bit patterns of fp32 ``values`` as ``Tensor.to(dtype)`` writes them: the tables the gathers read."""
+    return bits_array(values.to(dtype).contiguous()).copy()
+
+
+@parallel_jit
+def hif4_decode_packed(data, table, out):
+    """HiF4 bytes ``data`` (R, U * 36) -> ``out`` (R, k) bits; ``table`` (flat): the output bits of
+    ``[scale byte, Eb + Ec, nibble]`` at ``(scale * 3 + Eb + Ec) * 16 + nibble``.
+
+    A unit is 32 element bytes (low nibble = even element) then ``[E6M2, Eb mask, Ec lo, Ec hi]``; element ``i``
+    has Eb bit ``i >> 3`` and Ec bit ``i >> 2``, so the 4 elements of byte pair ``j`` share ``Eb + Ec``.
+    """
+    n_rows, k = out.shape
+    units, per_task, row_tasks = segments(k, 64)
+    for task in prange(n_rows * row_tasks):
+        row, first = task // row_tasks, task % row_tasks * per_task
+        d, y = data[row], out[row]
+        for unit in range(first, min(units, first + per_task)):
+            base, start = unit * 36, unit * 64
+            scale = np.int64(d[base + 32]) * 48
+            eb = np.int64(d[base + 33])
+            ec = np.int64(d[base + 34]) | (np.int64(d[base + 35]) << 8)
+            if start + 64 <= k:
+                for j in range(16):
+                    t = scale + (((eb >> (j >> 1)) & 1) + ((ec >> j) & 1)) * 16
+                    b0, b1 = d[base + 2 * j], d[base + 2 * j + 1]
+                    y[start + 4 * j] = table[t + (b0 & 15)]
+                    y[start + 4 * j + 1] = table[t + (b0 >> 4)]
+                    y[start + 4 * j + 2] = table[t + (b1 & 15)]
+                    y[start + 4 * j + 3] = table[t + (b1 >> 4)]
+            else:  # the row's short last unit
+                for i in range(k - start):
+                    t = scale + (((eb >> (i >> 3)) & 1) + ((ec >> (i >> 2)) & 1)) * 16
+                    y[start + i] = table[t + ((d[base + (i >> 1)] >> (4 * (i & 1))) & 15)]
+
+
+@parallel_jit
+def gather_decode(codes, table, out):
+    """``out[r, i] = table[codes[r, i]]`` (HiF8: one byte, one value)."""
+    n_rows, k = out.shape
+    _, per_task, row_tasks = segments(k, 1)
+    for task in prange(n_rows * row_tasks):
+        row, first = task // row_tasks, task % row_tasks * per_task
+        c, y = codes[row], out[row]
+        for i in range(first, min(k, first + per_task)):
+            y[i] = table[c[i]]
+
+
+@parallel_jit
+def block_table_decode(data, block, four_bit, table, out):
+    """Blocks of ``block`` element codes (4-bit: two per byte, low nibble first; else one byte) followed by a
+    one-byte scale: ``out`` = ``table[scale byte, code]`` (MX, NVFP4)."""
+    n_rows, k = out.shape
+    blocks, per_task, row_tasks = segments(k, block)
+    element_bytes = block // 2 if four_bit else block
+    for task in prange(n_rows * row_tasks):
+        row, first = task // row_tasks, task % row_tasks * per_task
+        d, y = data[row], out[row]
+        for blk in range(first, min(blocks, first + per_task)):
+            base, start = blk * (element_bytes + 1), blk * block
+            t = table[d[base + element_bytes]]
+            n = min(block, k - start)
+            if four_bit:
+                for b in range(n >> 1):
+                    byte = d[base + b]
+                    y[start + 2 * b] = t[byte & np.uint8(15)]
+                    y[start + 2 * b + 1] = t[byte >> np.uint8(4)]
+                if n & 1:
+                    y[start + n - 1] = t[d[base + (n >> 1)] & np.uint8(15)]
+            else:
+                for i in range(n):
+                    y[start + i] = t[d[base + i]]
+
+
+@parallel_jit
+def scaled_decode(data, block, four_bit, scale_bytes, values, out):
+    """Groups of ``block`` codes (4-bit: two per byte, low nibble first) followed by a little-endian fp16
+    (``scale_bytes`` 2) or fp32 (4) scale: ``out = values[code] * scale`` in fp32, rounded into ``out``'s dtype as
+    ``Tensor.to`` rounds (FP8, INT). False if a product is NaN (only a corrupt weight has one: see above)."""
+    n_rows, k = out.shape
+    groups, per_task, row_tasks = segments(k, block)
+    element_bytes = (block + 1) // 2 if four_bit else block
+    ok = np.ones(n_rows * row_tasks, np.bool_)
+    for task in prange(n_rows * row_tasks):
+        row, first = task // row_tasks, task % row_tasks * per_task
+        d, y = data[row], out[row]
+        nan = False
+        for grp in range(first, min(groups, first + per_task)):
+            base, start = grp * (element_bytes + scale_bytes), grp * block
+            at = base + element_bytes
+            if scale_bytes == 2:
+                s = fp16_value(np.uint32(d[at]) | (np.uint32(d[at + 1]) << np.uint32(8)))
+            else:
+                s = np.uint32(np.uint32(d[at]) | (np.uint32(d[at + 1]) << np.uint32(8))
+                              | (np.uint32(d[at + 2]) << np.uint32(16)) | (np.uint32(d[at + 3]) << np.uint32(24))
+                              ).view(np.float32)
+            n = min(block, k - start)
+            if four_bit:
+                for b in range(n >> 1):
+                    byte = d[base + b]
+                    v0, v1 = np.float32(values[byte & np.uint8(15)] * s), np.float32(values[byte >> np.uint8(4)] * s)
+                    nan |= (v0 != v0) | (v1 != v1)
+                    store(y, start + 2 * b, v0)
+                    store(y, start + 2 * b + 1, v1)
+                if n & 1:
+                    v = np.float32(values[d[base + (n >> 1)] & np.uint8(15)] * s)
+                    nan |= v != v
+                    store(y, start + n - 1, v)
+            else:
+                for i in range(n):
+                    v = np.float32(values[d[base + i]] * s)
+                    nan |= v != v
+                    store(y, start + i, v)
+        ok[task] = not nan
+    return ok.all()

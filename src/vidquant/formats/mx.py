@@ -22,8 +22,10 @@ run fused numba kernels (`kernels.mx_qdq`, `kernels.decode_blocks`) that tests h
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -83,6 +85,12 @@ class MXFormat(Format):
         scale = e8m0_value(every_byte())[meta["scale"].long()]
         return decode_blocks(codes, self.grid.value(every_byte()), scale, BLOCK, k, dtype)
 
+    def _decode_packed_rows(self, data: Tensor, n_rows: int, k: int, dtype: torch.dtype) -> Tensor:
+        out = torch.empty(n_rows, k, dtype=dtype)
+        kernels.block_table_decode(data.numpy().reshape(n_rows, -1), BLOCK, self.grid.bits == 4,
+                                   _packed_table(self, dtype), kernels.bits_array(out))
+        return out
+
     def _pack_rows(self, codes: Tensor, meta: dict[str, Tensor]) -> Tensor:
         elements = pack_elements(codes, self.grid.bits).reshape(codes.shape[0], -1, self.element_bytes)
         return pack_blocks(elements, meta["scale"].unsqueeze(-1))
@@ -106,6 +114,18 @@ class MXFormat(Format):
         kernels.mx_qdq(kernel_array(rows), kernel_array(out), BLOCK, self.grid.kernel_grid, self.grid.emax,
                        self.ties == "away")
         return out
+
+
+@functools.cache
+def _packed_table(fmt: MXFormat, dtype: torch.dtype) -> np.ndarray:
+    """Output bits of every (E8M0 byte, element code) for `kernels.block_table_decode`, by the torch decode: row r
+    holds blocks with scale byte r and the codes 0..2^bits - 1."""
+    n_codes = 1 << fmt.grid.bits
+    blocks = n_codes // BLOCK if n_codes > BLOCK else 1
+    codes = torch.arange(n_codes, dtype=torch.uint8).repeat(256, blocks * BLOCK // n_codes)
+    scale = every_byte().reshape(256, 1).expand(256, blocks)
+    values = fmt._decode_rows(codes, {"scale": scale}, blocks * BLOCK)[:, :n_codes]
+    return kernels.output_bits(values, dtype)
 
 
 class MXColumns(ColumnQuantizer):

@@ -22,8 +22,10 @@ bit (on Inf/NaN input the kernel hands over to the torch path, which raises).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -83,6 +85,15 @@ class NVFP4Format(Format):
             s = s * meta["tensor_scale"]
         return decode_blocks(codes, E2M1.value(every_byte()), s, BLOCK, k, dtype)
 
+    def _decode_packed_rows(self, data: Tensor, n_rows: int, k: int, dtype: torch.dtype) -> Tensor:
+        g = b""
+        if self.tensor_scale:
+            data, g = data[:-TENSOR_SCALE_BYTES], bytes(data[-TENSOR_SCALE_BYTES:].tolist())
+        out = torch.empty(n_rows, k, dtype=dtype)
+        kernels.block_table_decode(data.numpy().reshape(n_rows, -1), BLOCK, True, _packed_table(self, dtype, g),
+                                   kernels.bits_array(out))
+        return out
+
     def _pack_rows(self, codes: Tensor, meta: dict[str, Tensor]) -> Tensor:
         elements = pack_elements(codes, 4).reshape(codes.shape[0], -1, ELEMENT_BYTES)
         data = pack_blocks(elements, meta["scale"].unsqueeze(-1))
@@ -114,6 +125,18 @@ class NVFP4Format(Format):
                                  E4M3.kernel_grid):
                 return out
         return super()._qdq_rows(rows)  # also where the kernel met Inf/NaN: the torch path raises the error
+
+
+@functools.lru_cache(maxsize=256)
+def _packed_table(fmt: NVFP4Format, dtype: torch.dtype, tensor_scale: bytes) -> np.ndarray:
+    """Output bits of every (UE4M3 byte, E2M1 nibble) under the tensor scale whose 4 bytes are given (none for
+    ``nvfp4_sim``), for `kernels.block_table_decode`, by the torch decode: row r is a block with scale byte r."""
+    meta = {"scale": every_byte().reshape(256, 1)}
+    if fmt.tensor_scale:
+        g = bytes_float(torch.tensor(list(tensor_scale), dtype=torch.uint8), torch.float32)
+        meta["tensor_scale"] = g.reshape(1, 1).repeat(256, 1)
+    values = fmt._decode_rows(torch.arange(16, dtype=torch.uint8).repeat(256, 1), meta, BLOCK)
+    return kernels.output_bits(values, dtype)
 
 
 def block_scale(amax: Tensor, g: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """PTQ methods as tensor math (channel balancing, low-rank branch, GPTQ, clip search) and their measurement."""
 
-from .clip import clip_search
-from .gptq import GPTQResult, gptq
+from .clip import ClipChoice, choose_clip, clip_search
+from .gptq import GPTQResult, HeldOutChoice, gptq, gptq_held_out
 from .lowrank import LowRankResult, lowrank, refine_lowrank
 from .smoothing import (
     DEFAULT_EPS,
@@ -15,10 +15,14 @@ from .smoothing import (
 
 __all__ = [
     "DEFAULT_EPS",
+    "ClipChoice",
     "GPTQResult",
+    "HeldOutChoice",
     "LowRankResult",
+    "choose_clip",
     "clip_search",
     "gptq",
+    "gptq_held_out",
     "lowrank",
     "refine_lowrank",
     "channel_mask",

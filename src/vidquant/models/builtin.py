@@ -26,6 +26,12 @@ def _wan(**kwargs: Any) -> Any:
     return build_tiny_pipeline(**kwargs)
 
 
+def _wan21(**kwargs: Any) -> Any:
+    from vidquant.models.tiny_wan21 import build_tiny_wan21_pipeline
+
+    return build_tiny_wan21_pipeline(**kwargs)
+
+
 def _cogvideox(**kwargs: Any) -> Any:
     from vidquant.models.tiny_cogvideox import build_tiny_cogvideox_pipeline
 
@@ -40,6 +46,7 @@ def _ltx(**kwargs: Any) -> Any:
 
 TINY_MODELS: dict[str, TinyModel] = {
     "tiny": TinyModel(_wan, {"height": 32, "width": 32, "frames": 9}, i2v=True),  # Wan2.2 A14B layout
+    "tiny-wan21": TinyModel(_wan21, {"height": 32, "width": 32, "frames": 9}, i2v=True),  # Wan2.1: 1 expert, 8 blocks
     "tiny-cogvideox": TinyModel(_cogvideox, {"height": 32, "width": 32, "frames": 9}),
     "tiny-ltx": TinyModel(_ltx, {"height": 32, "width": 32, "frames": 9}),
 }

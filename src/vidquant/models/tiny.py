@@ -166,7 +166,11 @@ def _build(
     seed: int,
     dtype: torch.dtype,
     device: str,
+    image_components: Callable[[], dict[str, Any]] | None = None,
+    planter: Callable[[nn.Module, torch.Generator], None] | None = None,
 ) -> WanPipelineLike:
+    """The pipeline; ``image_components`` draws Wan2.1-I2V's CLIP encoder and processor after the VAE, and
+    ``planter`` (default `plant_outliers`) edits each expert when ``outliers`` is set."""
     tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -177,6 +181,7 @@ def _build(
             base_dim=4, z_dim=LATENT_CHANNELS, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
             temperal_downsample=[False, True, True],
         )  # fmt: skip
+        image = image_components() if i2v and image_components is not None else {}
     config = {**expert_config, "in_channels": I2V_CHANNELS if i2v else LATENT_CHANNELS}
     experts = {}
     for index, name in enumerate(("transformer", "transformer_2") if two_experts else ("transformer",)):
@@ -184,7 +189,7 @@ def _build(
         expert = empty_expert(config, dtype, device)
         init_weights(expert, generator)
         if outliers:
-            plant_outliers(expert, generator)
+            (planter or plant_outliers)(expert, generator)
         experts[name] = expert
     components: dict[str, Any] = {
         "tokenizer": tokenizer,
@@ -198,7 +203,10 @@ def _build(
         "boundary_ratio": BOUNDARY_RATIO[i2v] if two_experts else None,
     }
     if i2v:
-        return WanImageToVideoPipeline(**components, image_encoder=None, image_processor=None)
+        image = {"image_encoder": None, "image_processor": None, **image}
+        if image["image_encoder"] is not None:
+            image["image_encoder"] = image["image_encoder"].to(device, dtype).eval()
+        return WanImageToVideoPipeline(**components, **image)
     return WanPipeline(**components)
 
 

@@ -7,7 +7,9 @@ row slice is exact: every format's scales are per row (NVFP4 repeats its tensor 
 ``decode(pack(rows r0..r1))`` is rows r0..r1 of ``decode(encoded)`` bit for bit. With one tile the call is the
 very matmul of the fake-quant path (`F.linear` on the same dense weight), so outputs match it bit for bit; with
 several, each output column is still one dot product over K, and only the BLAS kernel choice for a narrower
-matrix can change its accumulation order (the tests derive the bound).
+matrix can change its accumulation order (the tests derive the bound). A tile is decoded by
+`Format.decode_packed`: on the CPU one fused pass from its bytes to the layer's dtype (no codes or scale tensors
+in between), bit-identical to ``decode(unpack(...))``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,35 @@ from torch import Tensor, nn
 
 from vidquant import formats
 from vidquant.formats import Encoded
+from vidquant.formats.base import FLOAT_DTYPES
+
+
+def check_encoding(encoded: Encoded) -> None:
+    """Refuse an encoding that its format's own `encode` could not have written for its shape.
+
+    Codes and every scale tensor must have the format's layout for ``(N, K)`` (the keys, dtypes and shapes
+    `encode` gives a row of K values, with N rows): a mismatched scale tensor would otherwise pack into bytes of
+    another layout and decode to garbage, or fail deep inside the packing with an unrelated message.
+    """
+    fmt = formats.get(encoded.format)
+    if encoded.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{fmt.name} weight: dtype must be one of {FLOAT_DTYPES}, got {encoded.dtype}")
+    n, k = encoded.shape
+    if n < 1 or k < 1:
+        raise ValueError(f"{fmt.name} weight: an empty {n}x{k} weight has nothing to pack")
+    like = fmt.encode(torch.zeros(1, k))  # the layout of one row
+    what = f"{fmt.name} weight {n}x{k}"
+    codes = encoded.codes
+    if codes.dtype != torch.uint8 or tuple(codes.shape) != (n, like.codes.shape[1]):
+        raise ValueError(f"{what}: codes must be uint8 {(n, like.codes.shape[1])}, got {codes.dtype} "
+                         f"{tuple(codes.shape)}")
+    if set(encoded.meta) != set(like.meta):
+        raise ValueError(f"{what}: scale tensors {sorted(encoded.meta)} do not match the format's {sorted(like.meta)}")
+    for key, ref in like.meta.items():
+        t, shape = encoded.meta[key], (n, *ref.shape[1:])
+        if t.dtype != ref.dtype or tuple(t.shape) != shape:
+            raise ValueError(f"{what}: scale tensor '{key}' must be {ref.dtype} {shape}, got {t.dtype} "
+                             f"{tuple(t.shape)}")
 
 
 class PackedLinearWeight(nn.Module):
@@ -30,6 +61,7 @@ class PackedLinearWeight(nn.Module):
                              f"{encoded.shape} along dim {encoded.dim}")
         if tile_rows is not None and tile_rows < 1:
             raise ValueError(f"tile_rows must be at least 1, got {tile_rows}")
+        check_encoding(encoded)
         self.format_name = encoded.format
         self.out_features, self.in_features = encoded.shape
         self.dtype = encoded.dtype
@@ -52,8 +84,8 @@ class PackedLinearWeight(nn.Module):
 
     def decode_tile(self, i: int) -> Tensor:
         r0, r1 = self.bounds[i]
-        fmt = formats.get(self.format_name)
-        return fmt.decode(fmt.unpack(getattr(self, f"tile{i}"), (r1 - r0, self.in_features), -1, self.dtype))
+        return formats.get(self.format_name).decode_packed(getattr(self, f"tile{i}"), r1 - r0, self.in_features,
+                                                           self.dtype)
 
     def dense(self) -> Tensor:
         """The whole dequantized weight (for inspection; `forward` never builds it for more than one tile)."""

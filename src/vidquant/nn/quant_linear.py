@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from vidquant import formats
 from vidquant.formats import Encoded
 from vidquant.methods.smoothing import residual_weight
+from vidquant.nn.hadamard import HadamardRotation
 from vidquant.nn.packed import PackedLinearWeight
 from vidquant.nn.parts import (
     ActQuantizer,
@@ -135,8 +136,10 @@ class QuantLinear(nn.Module):
             if runtime == "fake":
                 quantized, encoded = fmt.decode(encoded), None
         lowrank = (to["lowrank_down"], to["lowrank_up"]) if "lowrank_down" in to else None
+        rotation = HadamardRotation.from_tensors(to, device)  # after the mask: smooth, then rotate
         return cls(linear, weight_format, act_format, mask=to.get("mask"), act_clip=to.get("act_clip"),
                    lowrank=lowrank, quantized_weight=quantized, context=context, runtime=runtime,
+                   transforms=None if rotation is None else [rotation],
                    encoded_weight=encoded, tile_rows=tile_rows, device=device)
 
     def dense_weight(self) -> Tensor:
@@ -174,10 +177,13 @@ class QuantLinear(nn.Module):
         self.act.context.timestep_bin = value
 
     def forward(self, x: Tensor) -> Tensor:
-        v = x.to(torch.promote_types(x.dtype, torch.float32))
-        for t in self.transforms:
-            v = t(v)
-        xq = self.act(v).to(x.dtype)
+        if not len(self.transforms) and self.act.format is None and self.act.act_clip is None:
+            xq = x  # nothing to transform, clip or quantize: no fp32 copy of x (x -> fp32 -> x's dtype is exact)
+        else:
+            v = x.to(torch.promote_types(x.dtype, torch.float32))
+            for t in self.transforms:
+                v = t(v)
+            xq = self.act(v).to(x.dtype)
         y = F.linear(xq, self.weight, self.bias) if self.packed is None else self.packed(xq, self.bias)
         if self.lowrank is not None:  # the branch sees the transformed, unclipped, unquantized input
             xm = x
@@ -195,6 +201,7 @@ class QuantLinear(nn.Module):
             f"act_format={self.act_format}",
             f"mask={'none' if self.mask is None else 'yes'}",
         ]
+        parts += [f"rotation=hadamard({t.extra_repr()})" for t in self.transforms if isinstance(t, HadamardRotation)]
         if self.act_clip is not None:
             values = [round(v, 4) for v in self.act_clip.reshape(-1).tolist()]
             parts.append(f"act_clip={values[0] if self.act_clip.dim() == 0 else values}")

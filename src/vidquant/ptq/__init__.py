@@ -14,10 +14,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..calib.calibrate import CalibSettings
-from ..calib.data import ForwardLoop, is_prompts
-from ..calib.prompts import default_prompts, prompt_set_hash
+from ..calib.capture import capture_calls
+from ..calib.data import ForwardLoop, calibration_data, is_prompts
 from ..calib.stats import CalibStats
+from ..eval.blocks import block_sensitivity
+from ..eval.fidelity import HELD_OUT_SEED_OFFSET
 from ..eval.probes import weight_bytes
 from ..models import adapter_for, split_name
 from ..recipes import Recipe, load_recipe, plan
@@ -30,6 +31,8 @@ __all__ = ["Method", "QuantizeRun", "method_class", "method_names", "quantize", 
 logger = logging.getLogger(__name__)
 
 DEFAULT_HESSIAN_BUDGET_GB = 16.0
+AUTO_PROMPTS = 2  # held-out prompts (calibration prompts, other seeds) whose expert calls rank the blocks
+AUTO_CALLS = 8  # replayed calls per expert: one forward each per block
 
 
 def quantize(
@@ -64,10 +67,24 @@ def quantize(
     header = _header(adapter, recipe, stats, the_plan)
     run = QuantizeRun(model, adapter, recipe, the_plan, stats, masks, header, progress=progress,
                       checkpoint=checkpoint, hessian_budget_bytes=int(hessian_budget_gb * 2**30))
-    if method.needs_layer_inputs:
-        run.data, run.settings = _calibration_data(adapter, stats, prompts, forward_loop)
+    if method.needs_layer_inputs or recipe.auto_protect:
+        run.data, run.settings = calibration_data(stats, prompts, forward_loop)
     layers, bins = method.quantize(run)
-    return PTQState(layers, **header, timestep_bins=bins)
+    state = PTQState(layers, **header, timestep_bins=bins)
+    return _auto_protect(run, state) if recipe.auto_protect else state
+
+
+def _auto_protect(run: QuantizeRun, state: PTQState) -> PTQState:
+    """``protect_blocks: auto``: measure every block's sensitivity under the all-blocks ``state`` on held-out
+    calls (the first `AUTO_PROMPTS` calibration prompts under held-out seeds), let `recipes.choose_blocks` pick
+    within the budget, and drop the chosen blocks' layers from the state (the plan records why)."""
+    data = run.data[:AUTO_PROMPTS] if is_prompts(run.data) else run.data
+    calls = capture_calls(run.model, data, run.settings, AUTO_CALLS, seed_offset=HELD_OUT_SEED_OFFSET)
+    measured = block_sensitivity(run.model, state, calls, progress=run.progress)
+    final = plan(run.adapter, run.recipe, sensitivity={expert: s["blocks"] for expert, s in measured.items()})
+    logger.info("protect_blocks auto:\n%s", final.summary())
+    layers = {name: layer for name, layer in state.layers.items() if name in set(final.quantized)}
+    return PTQState(layers, **_header(run.adapter, run.recipe, run.stats, final), timestep_bins=state.timestep_bins)
 
 
 def _header(adapter, recipe: Recipe, stats: CalibStats | None, the_plan) -> dict:
@@ -90,21 +107,3 @@ def _check_stats(adapter, recipe: Recipe, method: Method, stats: CalibStats | No
     if stats.meta["model_fingerprint"] != fingerprint:
         raise ValueError("these statistics were calibrated on another model (weights or dtype differ): "
                          f"{stats.meta['model_fingerprint'][:12]} vs {fingerprint[:12]}")
-
-
-def _calibration_data(adapter, stats: CalibStats, prompts: list[str] | None,
-                      forward_loop: ForwardLoop | None) -> tuple[Any, CalibSettings]:
-    """The data the statistics were calibrated on, checked by hash, for the method's second pass."""
-    settings = CalibSettings.model_validate(stats.meta["settings"])
-    if stats.meta.get("data_kind", "prompts") == "forward_loop":
-        if forward_loop is None:
-            raise ValueError("these statistics come from a forward loop: pass the same forward_loop to quantize")
-        return forward_loop, settings
-    if forward_loop is not None and not is_prompts(forward_loop):
-        raise ValueError("these statistics were calibrated on prompts: pass the prompts, not a forward loop")
-    n = settings.num_prompts
-    prompts = (default_prompts() if prompts is None else list(prompts))[:n]
-    if prompt_set_hash(prompts) != stats.meta["prompt_set_hash"]:
-        raise ValueError("these statistics were calibrated on other prompts than the ones given (prompt set hash "
-                         "differs): pass the calibration prompts (--calib-prompts / --prompts) they were made from")
-    return prompts, settings

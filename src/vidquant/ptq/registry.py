@@ -62,7 +62,7 @@ class Method(ABC):
 
     def needs_stats(self, recipe: Recipe) -> bool:
         """Whether quantizing needs calibration statistics (masks, the calibration protocol)."""
-        return recipe.smoothing.statistic != "none" or self.needs_layer_inputs
+        return recipe.smoothing.statistic != "none" or self.needs_layer_inputs or recipe.auto_protect
 
     @abstractmethod
     def quantize(self, run: QuantizeRun) -> tuple[dict[str, LayerState], dict[str, list[float]]]:

@@ -1,6 +1,7 @@
 """SmoothQuant-style W4A4 (tail-aware HiFloat4, arXiv 2605.26628 Algorithm 1, and its max / RTN baselines).
 
-Per quantized Linear: the recipe's channel mask (none for ``rtn-*``) and an optional fixed activation clip;
+Per quantized Linear: the recipe's channel mask (none for ``rtn-*``), its Hadamard rotation (``rotation:``,
+none by default) and an optional fixed activation clip;
 `apply` quantizes the base weights themselves, so the state stores no weight.
 """
 
@@ -11,6 +12,7 @@ import torch
 from ..checksum import tensor_sha256
 from ..progress import progress_bar
 from ..state import LayerState
+from .masks import layer_rotation
 from .registry import Method, QuantizeRun, register_method
 
 
@@ -24,8 +26,9 @@ class SmoothQuant(Method):
         layers = {}
         with progress_bar(run.progress) as bar:
             for name in bar.track(run.plan.quantized, description="quantizing"):
-                weight = run.adapter.linear(name).weight
-                tensors = {"mask": run.masks[name], "act_clip": clip}
+                linear = run.adapter.linear(name)
+                weight = linear.weight
+                tensors = {"mask": run.masks[name], "act_clip": clip, **layer_rotation(recipe, name, linear)}
                 layers[name] = LayerState(recipe.weights, recipe.activations, tensor_sha256(weight),
                                           {k: v for k, v in tensors.items() if v is not None})
         return layers, {}

@@ -52,13 +52,31 @@ class Smoothing(BaseModel):
     max_ratio: float | None = Field(DEFAULT_MAX_RATIO, ge=1.0)
 
 
+class Rotation(BaseModel):
+    """An online randomized Hadamard rotation of every quantized Linear's input, folded into its weight.
+
+    ``x W^T = (x R)(W R)^T``, ``R = D H / sqrt(n)`` (`methods.rotation`), applied after the smoothing mask
+    (smooth, then rotate). ``block``: "full" (the widest power of two tiling K: K itself, 1024 at K = 5120) or a
+    quantization unit (64 HiF4, 32 MX, 16 NVFP4); ``seed``: the random signs D (stored in the state).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    kind: Literal["hadamard"] = "hadamard"
+    block: Literal["full", 64, 32, 16] = "full"
+    seed: int = Field(0, ge=0, lt=2**63)
+
+
 class Recipe(BaseModel):
     """A quantization recipe; layer rules are patterns over qualified names ``"{expert}.{layer}"``.
 
     Patterns are shell patterns matched against the whole name (``fnmatch.fnmatchcase``; ``*`` crosses
     dots) or, with the ``re:`` prefix, regular expressions that must match the whole name.
     ``protect_blocks`` keeps whole blocks in high precision in every expert (negative indices count from
-    the end); ``max_protected_blocks`` caps the (expert, block) pairs that this protects over all experts.
+    the end, so ``[0, 1, -3, -2, -1]`` is "first 2 and last 3" at any depth); ``max_protected_blocks`` caps the
+    (expert, block) pairs that this protects over all experts. ``protect_blocks: auto`` lets quantizing
+    choose up to ``max_protected_blocks`` pairs by measured sensitivity, each at least ``auto_stand_out`` times
+    the median block's (0: always spend the whole budget; `recipes.select.choose_blocks`).
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -70,10 +88,12 @@ class Recipe(BaseModel):
     activations: str | None
     include: list[str] = ["*"]
     protect: list[str] = []
-    protect_blocks: list[int] = []
+    protect_blocks: list[int] | Literal["auto"] = []
     max_protected_blocks: int | None = Field(None, ge=0)
+    auto_stand_out: float = Field(2.0, ge=0.0)  # auto: keep a block only at >= this x the median sensitivity
     smoothing: Smoothing = Smoothing()
     act_clip: float | None = Field(None, gt=0.0, le=1.0)
+    rotation: Rotation | None = None  # a Hadamard rotation after the mask (None: none)
     options: Any = None  # the method's validated section (its `Options` model); YAML key: the method's name
 
     @model_validator(mode="before")
@@ -103,8 +123,26 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _method_rules(self) -> Recipe:
+        if self.protect_blocks == "auto" and self.max_protected_blocks is None:
+            raise ValueError("protect_blocks: auto needs max_protected_blocks (how many blocks it may keep)")
         _method(self.method)().check(self)
         return self
+
+    @property
+    def auto_protect(self) -> bool:
+        """Whether the protected blocks are chosen by measured sensitivity when quantizing."""
+        return self.protect_blocks == "auto"
+
+    @field_validator("protect_blocks", mode="before")
+    @classmethod
+    def _blocks_or_auto(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "auto":
+            raise ValueError(f"a list of block indices or 'auto', got {value!r}")
+        if isinstance(value, list):
+            for item in value:
+                if isinstance(item, bool) or not isinstance(item, int):
+                    raise ValueError(f"block indices are integers (negative: from the end), got {item!r}")
+        return value
 
     @field_validator("weights", "activations")
     @classmethod
@@ -124,7 +162,11 @@ class Recipe(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (for manifests); ``Recipe.model_validate`` turns it back into the recipe."""
-        data = self.model_dump(mode="json", exclude={"options"})
+        # keys of features a recipe does not use are left out, so manifests (and fingerprints) of recipes without
+        # them stay as they were: no rotation, no auto protection
+        unused = {"rotation"} if self.rotation is None else set()
+        unused |= set() if self.auto_protect else {"auto_stand_out"}
+        data = self.model_dump(mode="json", exclude={"options"} | unused)
         if self.options is not None and type(self.options).model_fields:
             data[self.method] = self.options.model_dump(mode="json")
         return data

@@ -8,6 +8,7 @@ quanto's include/exclude do). Names are qualified by expert: ``"{expert}.{layer}
 from __future__ import annotations
 
 import logging
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,7 +25,8 @@ class Plan:
 
     ``quantized``: qualified names to quantize, in model order. ``protected``: target Linears kept in high
     precision, with the reason. ``boundary``: Linears outside the blocks, never quantized.
-    ``protected_blocks``: the blocks that ``protect_blocks`` resolves to, per expert.
+    ``protected_blocks``: the blocks that ``protect_blocks`` resolves to, per expert. ``sensitivity``: with
+    ``protect_blocks: auto``, the measured sensitivity of every block per expert that the choice was made from.
     """
 
     experts: list[str]
@@ -32,6 +34,7 @@ class Plan:
     protected: dict[str, str] = field(default_factory=dict)
     boundary: list[str] = field(default_factory=list)
     protected_blocks: dict[str, list[int]] = field(default_factory=dict)
+    sensitivity: dict[str, list[float]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Quantized / protected / boundary Linears per expert, and their "total"."""
@@ -61,13 +64,15 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan(model: Any, recipe: Recipe) -> Plan:
+def plan(model: Any, recipe: Recipe, *, sensitivity: dict[str, list[float]] | None = None) -> Plan:
     """Decide quantize / protect for every target Linear of every expert of ``model``.
 
     ``model``: anything `models.adapter_for` takes (a pipeline, an nn.Module, a mapping of expert name to
     expert, or an adapter). Reasons, first that applies: "protected block i", "protect pattern '…'", "not
     included". Raises ValueError for a block index out of range of an expert or over the
-    ``max_protected_blocks`` budget; patterns that match nothing are logged.
+    ``max_protected_blocks`` budget; patterns that match nothing are logged. With ``protect_blocks: auto``
+    the blocks are chosen from ``sensitivity`` (`choose_blocks`); without it, none are (the candidate plan
+    whose blocks' sensitivity `ptq.quantize` measures).
     """
     adapter = adapter_for(model)
     models = adapter.experts()
@@ -75,18 +80,28 @@ def plan(model: Any, recipe: Recipe) -> Plan:
         raise ValueError(f"{type(model).__name__} has no experts to quantize")
     if dotted := [expert for expert in models if "." in expert]:
         raise ValueError(f"expert names cannot contain '.' (they prefix qualified layer names): {dotted}")
-    result = Plan(experts=list(models))
+    result = Plan(experts=list(models), sensitivity=dict(sensitivity or {}))
+    chosen = (choose_blocks(sensitivity or {}, recipe.max_protected_blocks or 0, recipe.auto_stand_out)
+              if recipe.auto_protect else None)
     targets: list[tuple[str, int | None]] = []
     for expert in models:
         layers = adapter.target_linears(expert)
         blocks = adapter.block_indices(expert, layers)
-        result.protected_blocks[expert] = _resolve_blocks(recipe.protect_blocks, expert, len(adapter.blocks(expert)))
+        count = len(adapter.blocks(expert))
+        if chosen is None:
+            result.protected_blocks[expert] = _resolve_blocks(recipe.protect_blocks, expert, count)
+        else:
+            result.protected_blocks[expert] = chosen.get(expert, [])
+            if len(result.sensitivity.get(expert, [])) not in (0, count):
+                raise ValueError(f"sensitivity of {len(result.sensitivity[expert])} blocks for expert '{expert}', "
+                                 f"which has {count}")
         targets += [(qualify(expert, layer), block) for layer, block in zip(layers, blocks, strict=True)]
         result.boundary += [qualify(expert, layer) for layer in adapter.boundary_linears(expert)]
     _check_budget(result.protected_blocks, recipe.max_protected_blocks)
     _warn_unmatched(recipe, [name for name, _ in targets])
     for name, block in targets:
-        reason = _protection(name, block, result.protected_blocks[split_name(name)[0]], recipe)
+        expert = split_name(name)[0]
+        reason = _protection(name, block, result.protected_blocks[expert], recipe, result.sensitivity.get(expert))
         if reason is None:
             result.quantized.append(name)
         else:
@@ -95,8 +110,32 @@ def plan(model: Any, recipe: Recipe) -> Plan:
     return result
 
 
-def _protection(name: str, block: int | None, protected_blocks: list[int], recipe: Recipe) -> str | None:
+def choose_blocks(sensitivity: dict[str, list[float]], budget: int, stand_out: float = 2.0) -> dict[str, list[int]]:
+    """`protect_blocks: auto`: at most ``budget`` (expert, block) pairs, the most sensitive first, each only if
+    its sensitivity is at least ``stand_out`` times the median over all pairs.
+
+    Sensitivity is the end-to-end output error when only that block is quantized (`eval.blocks`). Keeping a
+    block whose error is typical buys little for its bytes, so with no block standing out none is kept
+    (the HiF4 track's "best 0-2"); ties go to the earlier expert and block, so the choice is deterministic.
+    """
+    pairs = [(value, expert, block) for expert, values in sensitivity.items() for block, value in enumerate(values)]
+    if not pairs or budget <= 0:
+        return {}
+    median = statistics.median(value for value, _, _ in pairs)
+    ranked = sorted(pairs, key=lambda p: -p[0])  # stable: model order among equals
+    chosen: dict[str, list[int]] = {}
+    for value, expert, block in ranked[:budget]:
+        if value > 0 and value >= stand_out * median:
+            chosen.setdefault(expert, []).append(block)
+    return {expert: sorted(blocks) for expert, blocks in chosen.items()}
+
+
+def _protection(name: str, block: int | None, protected_blocks: list[int], recipe: Recipe,
+                sensitivity: list[float] | None = None) -> str | None:
     if block is not None and block in protected_blocks:
+        if recipe.auto_protect and sensitivity:
+            share = sensitivity[block] / (sum(sensitivity) or 1.0)
+            return f"protected block {block} (auto: {share:.0%} of this expert's summed block sensitivity)"
         return f"protected block {block}"
     for pattern in recipe.protect:
         if matches(pattern, name):
