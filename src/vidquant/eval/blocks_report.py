@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .. import __version__
-from .report_plots import _png
+from .report_plots import png_uri
 from .templates import page
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def depth_png(table: list[dict[str, Any]]) -> str:
             ax.set_title(f"{expert}: {title}", fontsize=10)
             ax.set_xlabel("block")
     fig.tight_layout()
-    return _png(fig)
+    return png_uri(fig)
 
 
 def render(analysis: Analysis) -> str:

@@ -34,7 +34,8 @@ DIFF_GAIN = 4
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
 
 
-def _png(fig: Figure) -> str:
+def png_uri(fig: Figure) -> str:
+    """A figure as a ``data:`` PNG URI (the one way every report embeds a plot)."""
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -70,7 +71,7 @@ def sqnr_png(rows: Sequence[Mapping[str, Any]]) -> str:
         ax.set_title(f"{expert}: {len(values)} layers, median {median:.1f} dB, worst {values.min():.1f} dB",
                      fontsize=10, loc="left")
         ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return png_uri(fig)
 
 
 def _block_ticks(ax: Any, names: list[str]) -> None:
@@ -105,7 +106,7 @@ def tails_png(tails: Sequence[ActivationTail]) -> str:
         (_channels if kind == "channels" else _tokens)(ax, tail)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    return _png(fig)
+    return png_uri(fig)
 
 
 def _positive(v: np.ndarray) -> np.ndarray:

@@ -10,7 +10,6 @@ plots), ``sweep.json`` and two CSV files. All user text goes through `html.escap
 
 from __future__ import annotations
 
-import base64
 import csv
 import io
 import json
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .. import __version__
@@ -32,6 +30,7 @@ from ..atomic import atomic_path
 from ..calib.prompts import IDENTITY_SENSITIVE, SCENERY_MOTION, UNCATEGORIZED, category_group
 from .evaluate import Evaluation
 from .report import KNOWN, _clean
+from .report_plots import png_uri
 from .templates import page
 
 logger = logging.getLogger(__name__)
@@ -318,13 +317,6 @@ def _settings(protocol: dict, cats: dict) -> str:
 # ---------------------------------------------------------------- plots (matplotlib Agg on a private Figure)
 
 
-def _png(fig: Figure) -> str:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def _summary_png(results: Sequence[CellResult], shown: list[Column], rows: list, best: dict) -> str:
     names = [r.name for r in results]
     width = min(16.0, 3.0 + 0.5 * len(names) * len(shown))
@@ -344,7 +336,7 @@ def _summary_png(results: Sequence[CellResult], shown: list[Column], rows: list,
         ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
         ax.set_title(f"{c.label} ({'↑' if c.higher_is_better else '↓'} better)", fontsize=9, loc="left")
         ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return png_uri(fig)
 
 
 def _category_png(results: Sequence[CellResult], table: Mapping[str, list[float | None]],
@@ -368,7 +360,7 @@ def _category_png(results: Sequence[CellResult], table: Mapping[str, list[float 
     ax.set_ylabel("PSNR vs BF16 (dB)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return png_uri(fig)
 
 
 # ---------------------------------------------------------------- numbers

@@ -22,17 +22,14 @@ two's-complement range -8..7 with ``scale = amax / 7.5`` (their ``2 amax / 15``)
 negative value is hit exactly and its largest positive one clamps to 7. One more level than ``int4_g64``'s
 +-7 for the same 4.25 bits (about 0.45 dB less error on Gaussian weights): the like-for-like baseline when
 comparing with those tools. Codes, packing and decoding are ``int4_g64``'s (code 0b1000 is -8); its
-quantize-dequantize has its own fused kernel here (`_full_qdq`), held equal to the torch ops bit for bit.
+quantize-dequantize runs `kernels.int_qdq` with ``full_range``, held equal to the torch ops bit for bit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numba
-import numpy as np
 import torch
-from numba import prange
 from torch import Tensor
 
 from . import kernels
@@ -156,11 +153,8 @@ class IntFormat(Format):
         if use_cpu_kernels(rows):
             out = torch.empty_like(rows)
             group = self.block_size or rows.shape[1]
-            if self.full_range:
-                if _full_qdq(kernel_array(rows), kernel_array(out), group, self.qmax, self.block_size is not None):
-                    return out
-            elif kernels.int_qdq(kernel_array(rows), kernel_array(out), group, self.qmax,
-                                 self.block_size is not None):
+            if kernels.int_qdq(kernel_array(rows), kernel_array(out), group, self.qmax, self.block_size is not None,
+                               self.full_range):
                 return out
         return super()._qdq_rows(rows)  # also where the kernel met Inf/NaN or an fp16 scale overflow: it raises
 
@@ -216,39 +210,3 @@ INT4 = register(_int(4, None))
 INT8_G64 = register(_int(8, GROUP))
 INT4_G64 = register(_int(4, GROUP))
 INT4_G64_FULL = register(_int(4, GROUP, full_range=True))
-
-
-@kernels.parallel_jit
-def _full_qdq(src, dst, group, qmax, fp16_scale):  # pragma: no cover - compiled by numba
-    """Full-range INT quantize_dequantize of rows ``src`` (R, K) into ``dst``, groups of ``group`` (K: per row):
-    ``s = amax / (qmax + 1/2)`` (fp16-rounded for groups), ``q = RNE(x / s)`` clamped to [-qmax - 1, qmax].
-    False if a group is not finite or its fp16 scale overflows (the torch path then raises the error)."""
-    n_rows, k = src.shape
-    groups, per_task, row_tasks = kernels.segments(k, group)
-    ok = np.ones(n_rows * row_tasks, np.bool_)
-    for task in prange(n_rows * row_tasks):
-        row, first = task // row_tasks, task % row_tasks * per_task
-        x, y = src[row], dst[row]
-        for start in range(first * group, min(groups, first + per_task) * group, group):
-            n = min(group, k - start)
-            ok[task] = ok[task] and _full_group(x[start:start + n], y[start:start + n], n, qmax, fp16_scale)
-    return ok.all()
-
-
-@numba.njit(inline="always")
-def _full_group(x, y, n, qmax, fp16_scale):  # pragma: no cover - compiled by numba
-    m = kernels.amax(x, 0, n)
-    s = np.float32(m / np.float32(qmax + 0.5))
-    if fp16_scale:
-        s = kernels.round_grid(s, kernels.FP16_GRID[0], kernels.FP16_GRID[1], kernels.FP16_GRID[2], False)
-    if not (kernels.is_finite(m) and s <= np.float32(kernels.FP16_MAX if fp16_scale else np.inf)):
-        return False
-    lo, hi = np.float32(-qmax - 1), np.float32(qmax)
-    if s > 0:
-        for i in range(n):
-            q = min(max(np.rint(np.float32(kernels.load(x, i) / s)), lo), hi)
-            kernels.store(y, i, np.float32(np.float32(q + np.float32(0)) * s))  # + 0: -0 has the code of 0
-    else:
-        for i in range(n):
-            kernels.store(y, i, np.float32(0))
-    return True

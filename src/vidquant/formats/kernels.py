@@ -403,8 +403,9 @@ def fp8_qdq(src, dst, grid):
 
 # ---- INT (integer.py): an fp32 scale per row or an fp16 scale per group ---------------------------------------
 @parallel_jit
-def int_qdq(src, dst, group, qmax, fp16_scale):
-    """INT quantize_dequantize of rows ``src`` (R, K) into ``dst`` for groups of ``group`` values (K: per row).
+def int_qdq(src, dst, group, qmax, fp16_scale, full_range=False):
+    """INT quantize_dequantize of rows ``src`` (R, K) into ``dst`` for groups of ``group`` values (K: per row);
+    ``full_range``: the two's-complement grid -qmax-1..qmax with ``s = amax / (qmax + 1/2)`` (``int4_g64_full``).
 
     False if a group is not finite or its fp16 scale overflows (the torch path then raises the error).
     """
@@ -416,24 +417,26 @@ def int_qdq(src, dst, group, qmax, fp16_scale):
         x, y = src[row], dst[row]
         for start in range(first * group, min(groups, first + per_task) * group, group):
             n = min(group, k - start)
-            ok[task] = ok[task] and _int_group(x[start:start + n], y[start:start + n], n, qmax, fp16_scale)
+            ok[task] = ok[task] and _int_group(x[start:start + n], y[start:start + n], n, qmax, fp16_scale,
+                                               full_range)
     return ok.all()
 
 
 @numba.njit(inline="always")
-def _int_group(x, y, n, qmax, fp16_scale):
-    """One group: ``s = amax / qmax`` (rounded to fp16 for groups: the stored scale is the one divided by),
-    ``q = RNE(x / s)`` clamped to +-qmax (0 where s is 0), ``q * s``; False if it cannot be encoded."""
+def _int_group(x, y, n, qmax, fp16_scale, full_range):
+    """One group: ``s = amax / qmax`` (``/ (qmax + 1/2)`` full-range; rounded to fp16 for groups: the stored scale is
+    the one divided by), ``q = RNE(x / s)`` clamped to +-qmax (-qmax-1..qmax full-range; 0 where s is 0),
+    ``q * s``; False if it cannot be encoded."""
     m = amax(x, 0, n)
-    fq = np.float32(qmax)
-    s = np.float32(m / fq)
+    s = np.float32(m / np.float32(qmax + 0.5 if full_range else qmax))
     if fp16_scale:
         s = round_grid(s, FP16_GRID[0], FP16_GRID[1], FP16_GRID[2], False)
     if not (is_finite(m) and s <= np.float32(FP16_MAX if fp16_scale else np.inf)):
         return False
+    lo, hi = np.float32(-qmax - 1 if full_range else -qmax), np.float32(qmax)
     if s > 0:
         for i in range(n):
-            q = min(max(np.rint(np.float32(load(x, i) / s)), -fq), fq)
+            q = min(max(np.rint(np.float32(load(x, i) / s)), lo), hi)
             store(y, i, np.float32(np.float32(q + np.float32(0)) * s))  # + 0: -0 has the code of 0
     else:
         for i in range(n):

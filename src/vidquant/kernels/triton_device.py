@@ -367,12 +367,7 @@ def _triton() -> Any:
     with _BUILD_LOCK:
         if _built:
             return _built[0]
-        try:
-            import triton
-            import triton.language as language
-        except ImportError as err:
-            raise RuntimeError("vidquant.kernels needs triton>=3 for CUDA tensors or TRITON_INTERPRET=1: "
-                               "pip install 'triton>=3' (the 'gpu' extra)") from err
+        triton, language = import_triton()
         namespace = globals()
         namespace["tl"] = language
         for name in _JIT:
@@ -382,6 +377,17 @@ def _triton() -> Any:
         log.debug("triton %s kernels ready (interpreter: %s)", triton.__version__, interpreting())
         _built.append(triton)
         return triton
+
+
+def import_triton() -> tuple[Any, Any]:
+    """``triton`` and ``triton.language``, or the one error that says how to get them."""
+    try:
+        import triton
+        import triton.language as language
+    except ImportError as err:
+        raise RuntimeError("vidquant.kernels needs triton>=3 for CUDA tensors or TRITON_INTERPRET=1: "
+                           "pip install 'triton>=3' (the 'gpu' extra)") from err
+    return triton, language
 
 
 def available() -> bool:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..methods.rotation import is_power_of_two, rotate, rotate_torch, scale_of
-from .triton_device import available, interpreting, uses_kernel
+from .triton_device import available, import_triton, interpreting, uses_kernel
 
 __all__ = ["available", "hadamard_transform", "uses_kernel"]
 
@@ -60,12 +60,7 @@ def _triton() -> Any:
     with _BUILD_LOCK:
         if _built:
             return _built[0]
-        try:
-            import triton
-            import triton.language as language
-        except ImportError as err:
-            raise RuntimeError("vidquant.kernels needs triton>=3 for CUDA tensors or TRITON_INTERPRET=1: "
-                               "pip install 'triton>=3' (the 'gpu' extra)") from err
+        triton, language = import_triton()
         namespace = globals()
         namespace["tl"] = language
         namespace["_fwht_kernel"] = triton.jit(namespace["_fwht_kernel"])
