@@ -2,9 +2,11 @@
 
 Rows add one component each: RTN; SmoothQuant masks from the calibration max; from the guarded p99.9
 (the tail-aware recipe); + a low-rank branch (SVDQuant, refined); + GPTQ on the residual; + a clip ratio
-per timestep bin (the full svdquant-gptq recipe). Each row is produced by the bundled recipes through
-the same code users run (`vidquant.quantize`, `svdquant_gptq.quantize_layer`) and scored as the
-fake-quantized Linear (`QuantLinear`, with the timestep bin of each input) against the unquantized one:
+per timestep bin (the full svdquant-gptq recipe). Two rows add a Hadamard rotation after the mask (the
+`rotated-tail-aware-` recipes' rotation): to the tail-aware recipe, and to the full svdquant-gptq recipe.
+Each row is produced by the bundled recipes through the same code users run (`vidquant.quantize`,
+`svdquant_gptq.quantize_layer`) and scored as the fake-quantized Linear (`QuantLinear`, with the timestep
+bin of each input) against the unquantized one:
 
 1. the tiny Wan2.2 pipeline (planted outliers): calibration on bundled prompts, scoring on held-out
    prompts with other seeds, per layer input and timestep bin;
@@ -46,6 +48,7 @@ from vidquant.methods.gptq import gptq, gptq_held_out
 from vidquant.methods.smoothing import channel_mask, guarded_range, weight_channel_max
 from vidquant.models import adapter_for, tiny
 from vidquant.nn import QuantLinear
+from vidquant.ptq.masks import layer_rotation
 from vidquant.ptq.svdquant_gptq import quantize_layer
 from vidquant.recipes import Recipe, load_recipe
 from vidquant.recipes.schema import DEFAULT_MAX_RATIO
@@ -54,7 +57,8 @@ from vidquant.state import quant_linear
 SETTINGS = CalibSettings(num_prompts=8, steps=12, height=48, width=48, frames=9, bins=4)
 HELD_OUT = 4
 FORMATS = ("hif4", "mxfp4", "nvfp4")
-ROWS = ("RTN", "SmoothQuant-max", "SmoothQuant-percentile", "+ low-rank", "+ GPTQ", "+ timestep-bin clip")
+ROWS = ("RTN", "SmoothQuant-max", "SmoothQuant-percentile", "SmoothQuant-percentile + rotation", "+ low-rank",
+        "+ GPTQ", "+ timestep-bin clip", "+ rotation (all components)")
 BINS = 4
 
 
@@ -63,6 +67,7 @@ def variants(fmt: str) -> dict[str, Recipe]:
     full = load_recipe(f"svdquant-gptq-{fmt}").to_dict()
     section = full["svdquant-gptq"]
     off = {"enabled": False}
+    rotated = load_recipe(f"rotated-tail-aware-{fmt}")  # its rotation block: the format's best (bench/rotation.py)
 
     def variant(**change) -> Recipe:
         return Recipe.model_validate({**full, "svdquant-gptq": {**section, **change}})
@@ -71,18 +76,20 @@ def variants(fmt: str) -> dict[str, Recipe]:
         "RTN": load_recipe(f"rtn-{fmt}"),
         "SmoothQuant-max": load_recipe(f"max-{fmt}"),
         "SmoothQuant-percentile": load_recipe(f"tail-aware-{fmt}"),
+        "SmoothQuant-percentile + rotation": rotated,
         "+ low-rank": variant(gptq=off, clip_search={**section["clip_search"], **off}),
         "+ GPTQ": variant(clip_search={**section["clip_search"], **off}),
         "+ timestep-bin clip": variant(),
+        "+ rotation (all components)": Recipe.model_validate({**full, "rotation": rotated.to_dict()["rotation"]}),
     }
 
 
 def print_table(title: str, results: dict[str, dict[str, list[float]]]) -> None:
-    print(f"\n{title}\n{'':24}" + "".join(f"{fmt:>20}" for fmt in results))
-    print(f"{'':24}" + "".join(f"{'mean (worst) dB':>20}" for _ in results))
+    print(f"\n{title}\n{'':36}" + "".join(f"{fmt:>20}" for fmt in results))
+    print(f"{'':36}" + "".join(f"{'mean (worst) dB':>20}" for _ in results))
     for row in ROWS:
         cells = "".join(f"{sum(v) / len(v):12.2f} ({min(v):5.1f})" for v in (results[f][row] for f in results))
-        print(f"{row:24}{cells}")
+        print(f"{row:36}{cells}")
 
 
 def tiny_pipeline() -> None:
@@ -162,7 +169,9 @@ def synthetic_layers(factors: int | None, count: int = 3, width: int = 768, toke
                 a = a_max if s.statistic == "max" else a_pct
                 mask = None if s.statistic == "none" else channel_mask(weight_channel_max(linear.weight), a, s.alpha)
                 if recipe.method == "smoothquant":
-                    layer = QuantLinear(linear, fmt, fmt, mask=mask)
+                    tensors = {**({} if mask is None else {"mask": mask}),
+                               **layer_rotation(recipe, f"synthetic{seed}", linear)}
+                    layer = QuantLinear.from_state(linear, fmt, fmt, tensors)
                 else:
                     state = quantize_layer(linear, recipe, mask, hessian, list(cal), f"synthetic{seed}")
                     layer = quant_linear(linear, state)

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+import vidquant.eval.evaluate
+import vidquant.eval.vbench
 import vidquant.job
 import vidquant.sweep
 from vidquant.calib.calibrate import CalibSettings
@@ -155,8 +157,9 @@ def test_evaluation_prompts_are_held_out_and_cover_categories() -> None:
 
 def sweep_of(out: Path, spec: dict[str, Any], recipe: str = "tail-aware-hif4", **kwargs: Any) -> Sweep:
     cells = cells_of(spec, recipe)
-    return Sweep(cells, PROMPTS, PROMPTS[8:10], PROTOCOL, out, "tiny", recipe, "test", vbench=False,
-                 **{"fidelity_prompts": 0, "categories": prompt_categories(), "cell_reports": False, **kwargs})
+    return Sweep(cells, PROMPTS, PROMPTS[8:10], PROTOCOL, out, "tiny", recipe, "test",
+                 **{"vbench": False, "fidelity_prompts": 0, "categories": prompt_categories(), "cell_reports": False,
+                    **kwargs})
 
 
 GRID = {"cells": {"max": {"smoothing.statistic": "max"}, "p99": {"smoothing.percentile": 99.0}}}
@@ -179,10 +182,11 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int
     out = tmp_path_factory.mktemp("sweep")
     mp = pytest.MonkeyPatch()
     counters = {name: Counter(getattr(vidquant.sweep, name)) for name in ("calibrate", "generate", "evaluate")}
-    counters["quantize"] = Counter(vidquant.job.quantize)
+    counters["quantize"] = Counter(vidquant.job.quantize_into)  # the quantize stage (on a miss) of `job.state_in`
     loads = Counter(tiny.build_tiny_pipeline)
     for name, counter in counters.items():
-        mp.setattr(vidquant.job if name == "quantize" else vidquant.sweep, name, counter)
+        mp.setattr(vidquant.job if name == "quantize" else vidquant.sweep,
+                   "quantize_into" if name == "quantize" else name, counter)
     try:
         report = run_sweep(loads, sweep_of(out, GRID, fidelity_prompts=1, cell_reports=True), progress=False)
     finally:
@@ -239,7 +243,7 @@ def test_the_sweep_report_compares_every_cell(swept: tuple[Path, dict[str, int]]
     assert float(rows[2]["psnr"]) == pytest.approx(data["cells"][1]["values"]["psnr"])
     assert rows[1]["changes"] == '{"smoothing.statistic": "max"}'
     cat_rows = list(csv.DictReader((out / "report" / "sweep_categories.csv").open()))
-    assert {r["metric"] for r in cat_rows} == {"psnr", "ssim", "subject_consistency_drop"}
+    assert {r["metric"] for r in cat_rows} == {"psnr", "ssim", "identity_drift", "subject_consistency_drop"}
 
 
 def test_an_interrupted_sweep_resumes_without_redoing_finished_cells(tmp_path: Path,
@@ -261,8 +265,8 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_cells(tmp_path: P
     bf16 = {p: p.stat().st_mtime_ns for p in (tmp_path / "videos").rglob("*") if p.is_file()}
 
     monkeypatch.setattr(vidquant.sweep, "evaluate", Counter(real_evaluate))
-    quantize, calibrate = Counter(vidquant.job.quantize), Counter(vidquant.sweep.calibrate)
-    monkeypatch.setattr(vidquant.job, "quantize", quantize)
+    quantize, calibrate = Counter(vidquant.job.quantize_into), Counter(vidquant.sweep.calibrate)
+    monkeypatch.setattr(vidquant.job, "quantize_into", quantize)
     monkeypatch.setattr(vidquant.sweep, "calibrate", calibrate)
     report = run_sweep(tiny.build_tiny_pipeline, sweep_of(tmp_path, grid), progress=False)
     assert report.is_file() and not quantize.calls  # both states reused
@@ -328,3 +332,23 @@ def test_cli_sweep_runs_a_grid_file(tmp_path: Path) -> None:
     evaluated = json.loads((out / "grid.json").read_text())["eval_prompts"]
     assert not set(evaluated) & set(PROMPTS[:8])  # held out from the 8 calibration prompts
     assert not (out / "stats").exists()  # round-to-nearest needs no calibration
+
+
+def test_vbench_scores_the_bf16_videos_once_per_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every cell compares with the same BF16 videos: VBench scores them once (`cached_vbench`), each cell's own."""
+    scored: list[Path] = []
+
+    def fake_vbench(videos: Path, out: Path, dimensions: Any = ("imaging_quality",), **_: Any) -> dict[str, dict]:
+        scored.append(Path(videos))
+        names = sorted(p.name for p in Path(videos).glob("*.mp4"))
+        return {"imaging_quality": {"mean": 0.5, "per_video": dict.fromkeys(names, 0.5)}}
+
+    monkeypatch.setattr(vidquant.eval.vbench, "run_vbench", fake_vbench)
+    monkeypatch.setattr(vidquant.eval.evaluate, "run_vbench", fake_vbench)
+    for module in (vidquant.sweep, vidquant.eval.evaluate):
+        monkeypatch.setattr(module, "vbench_status", lambda: (True, "fake VBench"))
+    no_calibration = {"cells": {"hif4": {}, "mxfp4": {"weights": "mxfp4", "activations": "mxfp4"}}}
+    run_sweep(tiny.build_tiny_pipeline, sweep_of(tmp_path, no_calibration, "rtn-hif4", vbench=True), progress=False)
+    bf16 = tmp_path / "videos" / "bf16"
+    assert scored.count(bf16) == 1 and len(scored) == 3  # BF16 once, then each of the two cells
+    assert (tmp_path / "vbench" / "bf16" / "scores.json").is_file()

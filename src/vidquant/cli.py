@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import NoReturn
 
@@ -13,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__, formats
+from . import __version__, dist, formats
 from .models import TINY_MODELS, load_model, tiny_sizes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=f"vidquant {__version__}: PTQ for video DiTs")
@@ -23,7 +22,9 @@ err_console = Console(stderr=True)
 
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level.")) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_format = "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=log_format)
+    dist.quiet_other_ranks(log_format)  # under torchrun: rank 0 logs, the others only warnings
 
 
 @app.command("formats")
@@ -95,8 +96,6 @@ def calibrate(
     tail_keys: str = typer.Option("total", help="Tail histograms for 'total' or per 'bin_branch' (x2*bins memory)."),
 ) -> None:
     """Run the BF16 pipeline on calibration prompts and record activation statistics."""
-    import torch.distributed as dist
-
     from .calib.calibrate import CalibSettings
     from .calib.calibrate import calibrate as run_calibration
     from .calib.prompts import default_prompts, load_prompts
@@ -106,13 +105,13 @@ def calibrate(
                                  tail_keys=tail_keys, **_sizes(model, height, width, frames))
         prompt_list = load_prompts(prompts) if prompts else default_prompts()
         _enough(prompt_list, num_prompts, "--num-prompts", prompts)
-        if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-            dist.init_process_group("gloo")
+        dist.init_from_env()
         pipe = _load(model, i2v)
         run_calibration(pipe, prompt_list, settings, out)
     except (ValueError, ValidationError) as err:
         _fail(str(err))
-    console.print(f"statistics written to {out}")
+    if dist.is_main():
+        console.print(f"statistics written to {out}")
 
 
 @app.command("quantize")
@@ -130,30 +129,83 @@ def quantize_cmd(
     """Turn calibration statistics and a recipe into a compact PTQ state.
 
     svdquant-gptq runs the pipeline again on the calibration prompts (the statistics' protocol) for each
-    layer's Hessian and per-timestep-bin inputs; finished layers are kept in OUT/.partial for a rerun.
+    layer's Hessian and per-timestep-bin inputs; finished layers are kept in OUT/.partial for a rerun. Under
+    torchrun its ranks share the layers (each collects and quantizes its own); other methods run on rank 0.
     """
     from .calib.prompts import load_prompts
     from .calib.stats import load_stats
-    from .outputs import locked_output
-    from .ptq import quantize
+    from .outputs import locked_output_ranks
+    from .ptq import quantize_into
     from .recipes import load_recipe
-    from .state import STATE_OWNED, checkpoint_of, remove_state
+    from .state import STATE_OWNED
 
-    partial = checkpoint_of(out)
     try:
         the_recipe = load_recipe(recipe)  # bad input fails before anything is created
         calibration = load_stats(stats) if stats else None
         prompt_list = load_prompts(prompts) if prompts else None
+        dist.init_from_env()
+        with locked_output_ranks(out, STATE_OWNED, "PTQ state"):
+            pipe = _load(model, i2v)
+            quantize_into(pipe, the_recipe, calibration, out, prompts=prompt_list, hessian_budget_gb=hessian_budget_gb)
+    except ValueError as err:
+        _fail(str(err))
+    if dist.is_main():
+        _print_state(out)
+
+
+@app.command("finetune")
+def finetune_cmd(
+    model: str = typer.Option(..., help=MODEL_HELP),
+    state: Path = typer.Option(..., help="The PTQ state to fine-tune (from `vidquant quantize`)."),
+    out: Path = typer.Option(..., help="Directory for the fine-tuned state (a PTQ state with QAT deltas)."),
+    stats: Path = typer.Option(..., help="The statistics the state was made from (their protocol and prompts)."),
+    i2v: bool = typer.Option(False, "--i2v", help="Image-to-video (with 'tiny')."),
+    prompts: Path | None = typer.Option(None, help="The calibration prompts of the statistics (default: bundled)."),
+    steps: int = typer.Option(200, min=1, help="Optimizer steps (one teacher call each)."),
+    lr: float = typer.Option(1e-3, min=0.0, help="AdamW learning rate."),
+    rank: int = typer.Option(4, min=1, help="LoRA rank of each quantized Linear's delta."),
+    train: str = typer.Option("lora", help="What trains, comma-separated: lora, masks, clips."),
+    calls_per_bin: int = typer.Option(4, min=1, help="Teacher calls kept per expert and timestep bin."),
+    held_out_prompts: int = typer.Option(2, min=1, help="Calibration prompts replayed under held-out seeds."),
+    eval_every: int = typer.Option(25, min=1, help="Steps between held-out evaluations (best one kept)."),
+    checkpoint_every: int = typer.Option(50, min=1, help="Steps between checkpoints in OUT/.partial."),
+    seed: int = typer.Option(0, help="Seed of the LoRA init and the call order."),
+) -> None:
+    """Quantization-aware fine-tuning: distil the state against the BF16 teacher's own trajectories (LoRA deltas,
+    masks, clips); keeps the PTQ state unchanged when no step beats it on held-out calls. Resumes from OUT/.partial."""
+    from pydantic import ValidationError
+
+    from .calib.prompts import load_prompts
+    from .calib.stats import load_stats
+    from .outputs import locked_output
+    from .ptq.finetune import QATSettings, finetune, remove_checkpoint
+    from .state import STATE_OWNED, checkpoint_of, load_state
+    from .validation import describe
+
+    partial = checkpoint_of(out)
+    try:
+        try:
+            settings = QATSettings(steps=steps, lr=lr, rank=rank, train=tuple(t.strip() for t in train.split(",")),
+                                   calls_per_bin=calls_per_bin, held_out_prompts=held_out_prompts,
+                                   eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed)
+        except ValidationError as err:
+            raise ValueError(f"finetune settings: {describe(err)}") from None
+        ptq_state, calibration = load_state(state), load_stats(stats)
+        prompt_list = load_prompts(prompts) if prompts else None
+        if out.resolve() == state.resolve():
+            raise ValueError("--out must differ from --state (the PTQ state is kept as it is)")
         with locked_output(out, STATE_OWNED, "PTQ state"):
             pipe = _load(model, i2v)
-            state = quantize(pipe, the_recipe, calibration, progress=True, prompts=prompt_list, checkpoint=partial,
-                             hessian_budget_gb=hessian_budget_gb)
-            state.save(out)
-            if partial.exists():
-                remove_state(partial)
+            result = finetune(pipe, ptq_state, calibration, settings, prompts=prompt_list, checkpoint_dir=partial,
+                              progress=True)
+            result.save(out)
+            remove_checkpoint(partial)
     except ValueError as err:
         _fail(str(err))
     _print_state(out)
+    loss = result.qat["loss"]
+    console.print(f"QAT ({result.qat['kept']} kept): held-out loss {loss['held_out_before']:.4g} -> "
+                  f"{loss['held_out_after']:.4g}, train {loss['train_before']:.4g} -> {loss['train_after']:.4g}")
 
 
 @app.command("analyze")
@@ -270,11 +322,13 @@ def generate_cmd(
         prompt_list = load_prompts(prompts) if prompts else default_prompts()
         _enough(prompt_list, num_prompts, "--num-prompts", prompts)
         the_state = load_state(state) if state else None
+        dist.init_from_env()  # under torchrun the prompts are dealt across ranks
         pipe = _load(model, i2v)
         records = generate(pipe, prompt_list[:num_prompts], protocol, out, state=the_state)
     except (ValueError, ValidationError) as err:
         _fail(str(err))
-    console.print(f"{len(records)} videos in {out}")
+    if dist.is_main():
+        console.print(f"{len(records)} videos in {out}")
 
 
 @app.command("evaluate")
@@ -429,10 +483,12 @@ def run_cmd(
         settings = CalibSettings(**protocol.model_dump(), num_prompts=len(calib), bins=bins)
         job = Job(load_recipe(recipe), calib, evaluation[:num_prompts], protocol, settings, out, model, vbench,
                   fidelity_prompts)
+        dist.init_from_env()
         report = run(_load(model, i2v), job)
     except (ValueError, ValidationError) as err:
         _fail(str(err))
-    console.print(f"report: {report}")
+    if dist.is_main():
+        console.print(f"report: {report}")
 
 
 @app.command("sweep")
@@ -477,7 +533,8 @@ def sweep_cmd(
                         cell_reports)
     except (ValueError, ValidationError) as err:
         _fail(str(err))
-    console.print(f"sweep report: {report}")
+    if dist.is_main():
+        console.print(f"sweep report: {report}")
 
 
 def _sweep(spec, grid: str, out: Path, model: str | None, base_recipe: str | None, i2v: bool, prompts: Path | None,
@@ -517,7 +574,97 @@ def _sweep(spec, grid: str, out: Path, model: str | None, base_recipe: str | Non
         evaluation = held_out_prompts(bundled, start, num_prompts, categories)
     sweep = Sweep(cells, calib_all, evaluation, protocol, out, model, recipe, spec.name or grid, vbench,
                   fidelity_prompts, categories, cell_reports)
+    dist.init_from_env()
     return run_sweep(lambda: _load(model, i2v), sweep)
+
+
+@app.command("route")
+def route_cmd(
+    model: str = typer.Option(..., help=MODEL_HELP),
+    policy: str = typer.Option(..., help="A routing policy: a bundled name (route/policies) or a YAML file."),
+    out: Path = typer.Option(..., help="Routing folder: precisions/<rung>/, videos/ (accepted), route.html/json."),
+    prompts: Path | None = typer.Option(None, help="Prompts to route (default: bundled, after the calibration ones)."),
+    num_prompts: int = typer.Option(8, min=1),
+    state: list[str] = typer.Option([], help="NAME=DIR: the state folder of a policy precision (repeatable)."),
+    threshold: float | None = typer.Option(None, min=0.0, max=1.0, help="Draft identity threshold (overrides)."),
+    gate_calibration: Path | None = typer.Option(None, help="A gate-calibration.json to take the threshold from."),
+    calibrate_gate: bool = typer.Option(False, "--calibrate-gate",
+                                        help="Fit the threshold on calibration prompts vs BF16 (OUT/calibration)."),
+    calib_prompts: Path | None = typer.Option(None, help="Calibration prompts (default: bundled)."),
+    num_calib_prompts: int = typer.Option(8, min=1),
+    gate_rules: Path | None = typer.Option(None, help="Prompt-gate rules YAML (default: the policy's, else bundled)."),
+    compare: bool = typer.Option(False, "--compare", help="Also all-BF16 and all-draft videos: quality, gate recall."),
+    i2v: bool = typer.Option(False, "--i2v", help="Image-to-video (with 'tiny')."),
+    steps: int | None = typer.Option(None, help="Default 40 (8 for a tiny model)."),
+    height: int | None = typer.Option(None, help="Default 720 (the tiny model's for a tiny model)."),
+    width: int | None = typer.Option(None, help="Default 1280 (the tiny model's for a tiny model)."),
+    frames: int | None = typer.Option(None, help="Default 61 (the tiny model's for a tiny model)."),
+    cfg: float = typer.Option(3.5),
+    seed: int = typer.Option(42, help="Prompt i is generated with seed + i at every rung."),
+) -> None:
+    """Route prompts through one model at several precisions: prompt gate, draft, identity gate, escalation.
+
+    Writes every rung's videos (resumable), the accepted video of each prompt in OUT/videos and the routing
+    report (per prompt the path and why; fallback and rejection rates, cost per accepted clip, per category).
+    """
+    from .calib.prompts import default_prompts, load_prompts, prompt_categories
+    from .eval.protocol import Protocol
+    from .outputs import locked_output
+    from .route.gate import PromptGate
+    from .route.policy import load_policy
+    from .route.route import ROUTE_OWNED, calibrate_threshold, check_signal, load_threshold, route_prompts
+    from .route.switch import RoutedModel
+
+    try:
+        if steps is not None and steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {steps}")
+        if sum(x is not None for x in (threshold, gate_calibration)) + calibrate_gate > 1:
+            raise ValueError("give one of --threshold, --gate-calibration and --calibrate-gate")
+        protocol = Protocol(steps=(8 if model in TINY_MODELS else 40) if steps is None else steps, cfg=cfg, seed=seed,
+                            **_sizes(model, height, width, frames))
+        the_policy, base_dir = load_policy(policy)
+        check_signal(the_policy)  # a VBench draft gate without VBench: refused before any model is loaded
+        overrides = {}
+        for item in state:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--state {item!r}: expected NAME=DIR")
+            overrides[name] = path
+        paths = the_policy.state_paths(base_dir, overrides)
+        rules = gate_rules or the_policy.escalation.gate_rules
+        if rules is not None and gate_rules is None and base_dir is not None and not Path(rules).is_absolute():
+            rules = base_dir / rules
+        gate = PromptGate.load(rules)
+        bundled = default_prompts()
+        calib_all = load_prompts(calib_prompts) if calib_prompts else bundled
+        if calibrate_gate:
+            _enough(calib_all, num_calib_prompts, "--num-calib-prompts", calib_prompts)
+        route_all = load_prompts(prompts) if prompts else bundled[num_calib_prompts:]
+        _enough(route_all, num_prompts, "--num-prompts", prompts or Path("the bundled prompts after calibration"))
+        categories = prompt_categories()
+        if prompts is not None:
+            categories.update(prompt_categories(prompts))
+        with locked_output(out, ROUTE_OWNED, "routing folder"), RoutedModel.load(_load(model, i2v), paths) as routed:
+            chosen = threshold
+            if gate_calibration is not None:
+                chosen = load_threshold(gate_calibration, routed, the_policy, protocol)
+            elif calibrate_gate:
+                fitted = calibrate_threshold(routed, the_policy, calib_all[:num_calib_prompts], protocol,
+                                             out / "calibration")
+                chosen = fitted["threshold"]
+                console.print(f"draft gate: threshold {chosen:.4f} on {num_calib_prompts} calibration prompts "
+                              f"({fitted['bad']} bad drafts; precision {fitted['precision']}, recall "
+                              f"{fitted['recall']}); saved in {out / 'calibration' / 'gate-calibration.json'}")
+            elif chosen is None:
+                chosen = the_policy.escalation.threshold
+            data = route_prompts(routed, the_policy, route_all[:num_prompts], protocol, out, gate=gate,
+                                 threshold=chosen, compare=compare, categories=categories)
+    except (ValueError, ValidationError) as err:
+        _fail(str(err))
+    t = data["totals"]
+    console.print(f"{t['prompts']} prompts routed: fallback {100 * t['fallback_rate']:.1f} %, "
+                  f"{t['seconds_per_accepted_clip']:.3g} s per accepted clip; final rungs {t['final_rungs']}; "
+                  f"report: {out / 'route.html'}")
 
 
 @app.command("demo")

@@ -16,6 +16,7 @@ sealed manifest, files checked before any allocation, nothing unpickled, errors 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -92,9 +93,8 @@ def export(pipe: Any, state: PTQState, out: str | Path) -> Path:
             assert isinstance(module, QuantLinear) and module.packed is not None
             tensors = {k: v for k, v in layer.tensors.items() if k != "weight_packed"}
             (tile,) = module.packed.tiles()  # one tile: the format's bytes of the whole weight
-            layers[name] = LayerState(layer.weight_format, layer.act_format, layer.weight_sha256,
-                                      {**tensors, "weight_packed": tile})
-        packed = PTQState(layers, state.recipe, state.base, state.plan, state.library_version, state.timestep_bins)
+            layers[name] = dataclasses.replace(layer, tensors={**tensors, "weight_packed": tile})
+        packed = dataclasses.replace(state, layers=layers)  # recipe, base, plan, bins and any QAT record kept
         packed.save(out / "state")
         (out / "experts").mkdir(exist_ok=True)
         info = {}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import dist
 from .calib.calibrate import CalibSettings, calibrate
 from .calib.stats import CalibStats
 from .eval.evaluate import EVALUATION, evaluate, report
@@ -24,10 +25,10 @@ from .eval.generate import generate
 from .eval.protocol import Protocol
 from .eval.vbench import check_vbench_paths, vbench_status
 from .models import adapter_for
-from .outputs import locked_output
-from .ptq import method_class, quantize
+from .outputs import locked_output_ranks
+from .ptq import method_class, quantize_into
 from .recipes import Recipe
-from .state import PTQState, checkpoint_of, load_state, remove_state, verify
+from .state import PTQState, load_state, verify
 
 logger = logging.getLogger(__name__)
 
@@ -56,25 +57,31 @@ def run(model: Any, job: Job, *, progress: bool = True) -> Path:
     adapter.check_protocol(job.calib)
     if job.vbench and vbench_status()[0]:
         check_vbench_paths(job.out / "videos" / "bf16", job.out / "vbench")
-    with locked_output(job.out, RUN_OWNED, "vidquant run folder"):
+    with locked_output_ranks(job.out, RUN_OWNED, "vidquant run folder"):
         _check_writable(job.out)
         stats = None
         if method_class(job.recipe.method)().needs_stats(job.recipe):
             stats = calibrate(model, job.calib_prompts, job.calib, job.out / "stats", progress=progress)
         state = state_in(model, job.recipe, stats, job.out / "state", job.calib_prompts)
         n = job.fidelity_prompts
-        sqnr = state_fidelity(model, state, job.eval_prompts[:n], job.calib) if n else []
+        # rank 0 alone scores the layers and reports; under torchrun every rank generates its share of the videos
+        sqnr = state_fidelity(model, state, job.eval_prompts[:n], job.calib) if n and dist.is_main() else []
         base = stats.meta["model_fingerprint"] if stats is not None else adapter.fingerprint()
         videos = job.out / "videos"
         generate(model, job.eval_prompts, job.protocol, videos / "bf16", model_fingerprint=base, progress=progress,
                  replace_stale=True)
         generate(model, job.eval_prompts, job.protocol, videos / "quantized", state=state, model_fingerprint=base,
                  progress=progress, replace_stale=True)
-        evaluation = evaluate(videos / "bf16", videos / "quantized", vbench=job.vbench, vbench_out=job.out / "vbench")
-        (job.out / "report").mkdir(exist_ok=True)
-        evaluation.save(job.out / "report" / EVALUATION)
-        return report(evaluation, job.out / "report", state=state, stats=stats, sqnr=sqnr, model=job.model,
-                      state_path=str(job.out / "state"))
+
+        def evaluate_and_report() -> str:
+            evaluation = evaluate(videos / "bf16", videos / "quantized", vbench=job.vbench,
+                                  vbench_out=job.out / "vbench")
+            (job.out / "report").mkdir(exist_ok=True)
+            evaluation.save(job.out / "report" / EVALUATION)
+            return str(report(evaluation, job.out / "report", state=state, stats=stats, sqnr=sqnr, model=job.model,
+                              state_path=str(job.out / "state")))
+
+        return Path(dist.on_main(evaluate_and_report))
 
 
 def _check_writable(out: Path) -> None:
@@ -89,20 +96,17 @@ def _check_writable(out: Path) -> None:
 
 def state_in(model: Any, recipe: Recipe, stats: CalibStats | None, path: Path, calib_prompts: list[str]) -> PTQState:
     """The state in ``path`` when ``recipe`` made it from ``stats`` for ``model``, else a new one saved there (the
-    quantize stage with reuse, shared by `run` and `vidquant sweep`); ``model`` is not changed."""
-    if (path / "manifest.json").is_file():
-        state = load_state(path)
-        stale = _stale(model, state, recipe, stats)
-        if stale is None:
-            logger.info("reusing the PTQ state in %s", path)
-            return state
+    quantize stage with reuse, shared by `run` and `vidquant sweep`); ``model`` is not changed. Under torchrun
+    it is reused only when every rank finds it current, and every rank returns the same state (`ptq.quantize_into`)."""
+    found = load_state(path) if (path / "manifest.json").is_file() else None
+    stale = "none saved" if found is None else _stale(model, found, recipe, stats)
+    if all(s is None for s in dist.all_gather(stale)):  # every rank agrees before any rank rewrites it
+        logger.info("reusing the PTQ state in %s", path)
+        return found
+    if found is not None:
         logger.info("%s holds a state made from other inputs (%s): quantizing again", path, stale)
-    partial = checkpoint_of(path)  # svdquant-gptq's finished layers, for a rerun after an interruption
-    state = quantize(model, recipe, stats, prompts=calib_prompts, progress=True, checkpoint=partial)
-    state.save(path)
-    if partial.exists():
-        remove_state(partial)
-    return state
+    # svdquant-gptq's finished layers are kept in the state's checkpoint for a rerun after an interruption
+    return quantize_into(model, recipe, stats, path, prompts=calib_prompts, progress=True)
 
 
 def _stale(model: Any, state: PTQState, recipe: Recipe, stats: CalibStats | None) -> str | None:

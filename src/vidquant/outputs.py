@@ -14,9 +14,11 @@ import fcntl
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from fnmatch import fnmatchcase
 from pathlib import Path
+
+from . import dist
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,22 @@ def locked_output(path: str | Path, owned: Iterable[str], what: str) -> Iterator
         yield path
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextmanager
+def locked_output_ranks(path: str | Path, owned: Iterable[str], what: str) -> Iterator[Path]:
+    """`locked_output` for torchrun's ranks: rank 0 holds the lock (one job on the folder), the others only check
+    the folder, so a rank never fails on the lock its own rank 0 holds; every rank enters the block once rank 0
+    has created the folder and removed stale temp files. One process: `locked_output` itself."""
+    if dist.world() == 1:
+        with locked_output(path, owned, what) as held:
+            yield held
+        return
+    with ExitStack() as stack:  # rank 0 takes the lock inside `on_main`, so its failure reaches every rank
+        dist.on_main(lambda: str(stack.enter_context(locked_output(path, owned, what))))
+        held = check_output(path, owned, what)
+        dist.barrier()  # no rank writes into the folder before every rank has checked it
+        yield held
 
 
 def remove_temp_files(path: Path) -> None:

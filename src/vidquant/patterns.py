@@ -62,12 +62,21 @@ def compile_pattern(pattern: str) -> Pattern:
         raise ValueError(f"pattern {_show(pattern)} is not valid Unicode (lone surrogate)") from None
     if not pattern.startswith(REGEX_PREFIX):
         return Pattern(pattern, re.compile(fnmatch.translate(pattern)).match)  # exactly fnmatch.fnmatchcase
-    regex = pattern[len(REGEX_PREFIX) :]
+    return Pattern(pattern, compile_regex(pattern[len(REGEX_PREFIX) :], shown=pattern).fullmatch)
+
+
+def compile_regex(regex: str, *, case_sensitive: bool = True, shown: str | None = None) -> re2._Regexp:
+    """``regex`` compiled by RE2 (linear-time search and match, for text from users as well as layer names);
+    ValueError naming ``shown`` (default: the regex) when it is invalid or uses syntax RE2 lacks."""
+    options = _RE2_OPTIONS
+    if not case_sensitive:
+        options = re2.Options()
+        options.log_errors = False
+        options.case_sensitive = False
     try:
-        compiled = re2.compile(regex, _RE2_OPTIONS)
+        return re2.compile(regex, options)
     except re2.error as err:
-        raise ValueError(_explain(pattern, regex, err)) from None
-    return Pattern(pattern, compiled.fullmatch)
+        raise ValueError(_explain(shown or regex, regex, err)) from None
 
 
 @functools.lru_cache(maxsize=4096)

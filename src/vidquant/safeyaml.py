@@ -13,10 +13,13 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from yaml.events import AliasEvent
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable  # Python >= 3.11; only for the annotations
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +151,37 @@ def load_yaml(
     finally:
         if loader is not None:
             loader.dispose()
+
+
+def bundled_names(folder: Traversable) -> list[str]:
+    """The names of the ``*.yaml`` files shipped in a package folder (recipes, grids, policies), sorted."""
+    return sorted(e.name.removesuffix(".yaml") for e in folder.iterdir() if e.name.endswith(".yaml"))
+
+
+def load_named_mapping(name_or_path: str | Path, folder: Traversable, what: str
+                       ) -> tuple[dict[str, Any], Traversable | Path, bool]:
+    """A bundled YAML mapping by name (``folder/<name>.yaml``) or a user's file: ``(data, source, bundled)``.
+
+    The one rule behind `load_recipe`, `load_grid` and `load_policy`: a name of a bundled file wins, anything else
+    must be a file; ``data`` gets the file's stem as its ``name`` unless it has one. Errors name the file.
+    """
+    names = bundled_names(folder)
+    bundled = isinstance(name_or_path, str) and name_or_path in names
+    if bundled:
+        source: Traversable | Path = folder / f"{name_or_path}.yaml"
+    else:
+        source = Path(name_or_path).expanduser()
+        if not source.is_file():
+            raise ValueError(f"{name_or_path}: neither a bundled {what} ({', '.join(names)}) nor a file")
+    try:
+        text = source.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{source}: unreadable ({err.strerror or err})") from None
+    data = load_yaml(text, source=str(source))
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: a {what} must be a YAML mapping of keys to values, got {type(data).__name__}")
+    data.setdefault("name", source.name.removesuffix(".yaml").removesuffix(".yml"))
+    return data, source, bundled
 
 
 def _read(path: os.PathLike[str], source: str, max_bytes: int) -> bytes:

@@ -45,7 +45,7 @@ MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 STATE_FILES = (MANIFEST, TENSORS)
 CHECKPOINT = ".partial"  # inside a state folder: the layers a long quantize has finished, for a rerun
-STATE_OWNED = (*STATE_FILES, CHECKPOINT)
+STATE_OWNED = (*STATE_FILES, CHECKPOINT, f"{CHECKPOINT}.rank*-of-*")  # + torchrun ranks' own (`dist.rank_path`)
 _SHA256 = r"^[0-9a-f]{64}$"
 
 
@@ -72,6 +72,9 @@ class PTQState:
     plan: dict = field(default_factory=dict)
     library_version: str = __version__
     timestep_bins: dict[str, list[float]] = field(default_factory=dict)  # per expert, for per-bin act_clip
+    # quantization-aware fine-tuning (`ptq.finetune`): settings, losses before / after, what was kept; written
+    # to the manifest only when not empty (a plain PTQ state has none)
+    qat: dict[str, Any] = field(default_factory=dict)
 
     def nbytes(self) -> int:
         """Bytes of the state's tensors (the manifest adds a few kB)."""
@@ -92,6 +95,7 @@ class PTQState:
                 for name, s in self.layers.items()
             },
             "tensors_sha256": tensors_sha256,
+            **({"qat": self.qat} if self.qat else {}),
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -174,6 +178,7 @@ class Manifest(BaseModel):
     layers: dict[str, _Layer]
     tensors_sha256: str = Field(pattern=_SHA256)
     manifest_sha256: str | None = None
+    qat: dict[str, Any] = {}  # optional: a fine-tuned state's QAT record (absent in PTQ states)
 
     @field_validator("recipe")
     @classmethod
@@ -220,7 +225,7 @@ def load_state(directory: str | Path) -> PTQState:
         for name, info in manifest.layers.items()
     }
     return PTQState(layers, manifest.recipe, manifest.base.model_dump(), manifest.plan, manifest.library_version,
-                    manifest.timestep_bins)
+                    manifest.timestep_bins, manifest.qat)
 
 
 def verify(model: Any, state: PTQState) -> list[tuple[str, nn.Linear, LayerState]]:

@@ -49,6 +49,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from . import dist
 from .atomic import atomic_path
 from .calib.calibrate import CalibSettings, calibrate
 from .calib.prompts import categorize, prompt_set_hash
@@ -61,17 +62,17 @@ from .eval.sweep_report import CellResult, write_sweep_report
 from .eval.vbench import check_vbench_paths, vbench_status
 from .job import _check_writable, state_in
 from .models import adapter_for
-from .outputs import check_output, locked_output
+from .outputs import check_output, locked_output_ranks
 from .progress import progress_bar
 from .ptq import method_class
 from .recipes import Recipe, plan
-from .safeyaml import load_yaml
+from .safeyaml import bundled_names, load_named_mapping
 from .state import PTQState
 from .validation import describe
 
 logger = logging.getLogger(__name__)
 
-SWEEP_OWNED = ("grid.json", "stats", "videos", "cells", "report")  # what a sweep folder may hold
+SWEEP_OWNED = ("grid.json", "stats", "videos", "cells", "report", "vbench")  # what a sweep folder may hold
 CELL_OWNED = ("cell.json", "state", "videos", "report", "vbench", "sqnr.json")
 CALIB_KEYS = ("num_prompts", "bins", "tail_keys")  # calib.<key>: the calibration settings a grid may vary
 MAX_CELLS = 256  # a typo in an axis must not start a thousand-cell product
@@ -143,32 +144,16 @@ class Sweep:
 
 def grid_names() -> list[str]:
     """The bundled grids (``recipes/grids/*.yaml``), by name."""
-    return sorted(e.name.removesuffix(".yaml") for e in _GRIDS.iterdir() if e.name.endswith(".yaml"))
+    return bundled_names(_GRIDS)
 
 
 def load_grid(name_or_path: str | Path) -> GridSpec:
     """A bundled grid by name or a user's YAML file, validated; errors name the file and the key."""
-    if isinstance(name_or_path, str) and name_or_path in grid_names():
-        source: Any = _GRIDS / f"{name_or_path}.yaml"
-        default_name = name_or_path
-    else:
-        source = Path(name_or_path).expanduser()
-        if not source.is_file():
-            raise ValueError(f"{name_or_path}: neither a bundled grid ({', '.join(grid_names())}) nor a file")
-        default_name = source.name.removesuffix(".yaml").removesuffix(".yml")
-    try:
-        text = source.read_bytes()
-    except OSError as err:
-        raise ValueError(f"{source}: unreadable ({err.strerror or err})") from None
-    data = load_yaml(text, source=str(source))
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: a grid must be a YAML mapping, got {type(data).__name__}")
+    data, source, _ = load_named_mapping(name_or_path, _GRIDS, "grid")
     try:
         spec = GridSpec.model_validate(data)
     except ValidationError as err:
         raise ValueError(f"{source}: invalid grid: {describe(err, limit=10)}") from None
-    if spec.name is None:
-        spec.name = default_name
     return spec
 
 
@@ -362,7 +347,7 @@ def check_sweep(model: Any, sweep: Sweep) -> None:
         except ValueError as err:
             raise ValueError(f"cell '{cell.name}': {err}") from None
     if sweep.vbench and vbench_status()[0]:
-        check_vbench_paths(sweep.out / "videos" / "bf16", *(sweep.out / "cells" / c.name / part
+        check_vbench_paths(sweep.out / "videos" / "bf16", sweep.out / "vbench", *(sweep.out / "cells" / c.name / part
                                                             for c in sweep.cells for part in ("videos", "vbench")))
 
 
@@ -374,13 +359,12 @@ def run_sweep(load: Callable[[], Any], sweep: Sweep, *, progress: bool = True) -
     """
     models = _Models(load)
     check_sweep(models.pristine(), sweep)
-    with locked_output(sweep.out, SWEEP_OWNED, "vidquant sweep folder"):
-        _check_writable(sweep.out)
-        _write_json(sweep.out / "grid.json", {"grid": sweep.grid_name, "model": sweep.model,
-                                              "base_recipe": sweep.base_recipe,
-                                              "protocol": sweep.protocol.model_dump(mode="json"),
-                                              "eval_prompts": sweep.eval_prompts,
-                                              "cells": [c.to_dict() for c in sweep.cells]})
+    with locked_output_ranks(sweep.out, SWEEP_OWNED, "vidquant sweep folder"):
+        dist.on_main(lambda: _check_writable(sweep.out))
+        dist.on_main(lambda: _write_json(sweep.out / "grid.json", {
+            "grid": sweep.grid_name, "model": sweep.model, "base_recipe": sweep.base_recipe,
+            "protocol": sweep.protocol.model_dump(mode="json"), "eval_prompts": sweep.eval_prompts,
+            "cells": [c.to_dict() for c in sweep.cells]}))
         stats = _calibrations(models, sweep, progress)
         base = next((s.meta["model_fingerprint"] for s in stats.values()), None) or \
             adapter_for(models.pristine()).fingerprint()
@@ -388,16 +372,17 @@ def run_sweep(load: Callable[[], Any], sweep: Sweep, *, progress: bool = True) -
         generate(models.pristine(), sweep.eval_prompts, sweep.protocol, bf16, model_fingerprint=base,
                  progress=progress, replace_stale=True)
         results = []
-        with progress_bar(progress) as bar:
+        with progress_bar(progress and dist.is_main()) as bar:
             task = bar.add_task("cells", total=len(sweep.cells))
             for cell in sweep.cells:
                 logger.info("cell %s: %s", cell.name, cell.changes)
                 stat = stats.get(cell.calib_key) if cell.calib_key else None
                 results.append(_run_cell(models, sweep, cell, stat, base, bf16, progress))
                 bar.advance(task)
-        return write_sweep_report(sweep.out / "report", results, title=f"vidquant sweep: {sweep.grid_name}",
-                                  model=sweep.model, base_recipe=sweep.base_recipe,
-                                  protocol=sweep.protocol.model_dump(mode="json"), categories=sweep.categories)
+        return Path(dist.on_main(lambda: str(write_sweep_report(
+            sweep.out / "report", results, title=f"vidquant sweep: {sweep.grid_name}", model=sweep.model,
+            base_recipe=sweep.base_recipe, protocol=sweep.protocol.model_dump(mode="json"),
+            categories=sweep.categories))))
 
 
 def _calibrations(models: _Models, sweep: Sweep, progress: bool) -> dict[str, CalibStats]:
@@ -412,19 +397,23 @@ def _calibrations(models: _Models, sweep: Sweep, progress: bool) -> dict[str, Ca
 
 
 def _run_cell(models: _Models, sweep: Sweep, cell: Cell, stats: CalibStats | None, base: str, bf16: Path,
-              progress: bool) -> CellResult:
-    folder = check_output(sweep.out / "cells" / cell.name, CELL_OWNED, "sweep cell folder")
-    folder.mkdir(parents=True, exist_ok=True)
+              progress: bool) -> CellResult | None:
+    """One cell's state, SQNR, videos and evaluation (reused where current). Under torchrun every rank makes the
+    state and its share of the videos; rank 0 alone scores, evaluates and returns the result (others: None)."""
+    folder = dist.on_main(lambda: str(_cell_folder(sweep.out / "cells" / cell.name)))
+    folder = Path(folder)
     prompts = sweep.calib_prompts[: cell.calib.num_prompts]
     state = state_in(models.pristine(), cell.recipe, stats, folder / "state", prompts)
-    sqnr = _sqnr(models, sweep, cell, state, folder / "sqnr.json")
+    sqnr = _sqnr(models, sweep, cell, state, folder / "sqnr.json") if dist.is_main() else []
     videos = folder / "videos"
     source = hashlib.sha256(f"{base}\n{state.fingerprint()}".encode()).hexdigest()  # as `generate` records it
-    if _videos_done(videos, sweep.eval_prompts, sweep.protocol, source):
+    if all(dist.all_gather(_videos_done(videos, sweep.eval_prompts, sweep.protocol, source))):
         logger.info("cell %s: reusing its %d videos", cell.name, len(sweep.eval_prompts))
     else:
         generate(models.consume(), sweep.eval_prompts, sweep.protocol, videos, state=state, model_fingerprint=base,
                  progress=progress, replace_stale=True)
+    if not dist.is_main():
+        return None
     report_dir = folder / "report"
     use_vbench = sweep.vbench and vbench_status()[0]
     key = _evaluation_key(bf16, videos, use_vbench)
@@ -438,7 +427,8 @@ def _run_cell(models: _Models, sweep: Sweep, cell: Cell, stats: CalibStats | Non
             logger.warning("cell %s: evaluating again (%s)", cell.name, err)
     fresh = evaluation is None
     if evaluation is None:
-        evaluation = evaluate(bf16, videos, vbench=sweep.vbench, vbench_out=folder / "vbench")
+        evaluation = evaluate(bf16, videos, vbench=sweep.vbench, vbench_out=folder / "vbench",
+                              vbench_bf16_out=sweep.out / "vbench" / "bf16")  # the BF16 videos scored once
         report_dir.mkdir(exist_ok=True)
         evaluation.save(report_dir / EVALUATION)
     if sweep.cell_reports and (fresh or not (report_dir / "report.html").is_file()):
@@ -449,6 +439,13 @@ def _run_cell(models: _Models, sweep: Sweep, cell: Cell, stats: CalibStats | Non
         _write_json(folder / "cell.json", done)
     href = f"../cells/{cell.name}/report/report.html" if (report_dir / "report.html").is_file() else None
     return CellResult(cell.name, cell.changes, cell.recipe.to_dict(), cell.calib_key, evaluation, sqnr, href)
+
+
+def _cell_folder(path: Path) -> Path:
+    """The cell's folder, checked and created (by rank 0 under torchrun: one writer of the shared tree)."""
+    folder = check_output(path, CELL_OWNED, "sweep cell folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _sqnr(models: _Models, sweep: Sweep, cell: Cell, state: PTQState, path: Path) -> list[dict]:

@@ -144,6 +144,32 @@ def test_headline_names_worst_dimension_and_prompt(tmp_path: Path) -> None:
     assert '<tr class="worst"><td>1</td><td>2</td>' in html
 
 
+def _proxy_run(proxy_deltas: list[float]) -> ReportData:
+    """Three prompts whose HOG proxy moved by the given amounts vs BF16 (0.80 each), nothing else changing."""
+    prompts = [PromptResult(f"p{i}", {"psnr": 35.0, "subject_consistency_proxy": 0.8 + d},
+                            {"subject_consistency_proxy": 0.8}) for i, d in enumerate(proxy_deltas)]
+    mean = 0.8 + float(np.mean(proxy_deltas))
+    return ReportData(metrics=[Metric("psnr", None, 35.0), Metric("subject_consistency_proxy", 0.8, mean)],
+                      prompts=prompts)
+
+
+def test_headline_does_not_call_a_proxy_move_within_noise_better(tmp_path: Path) -> None:
+    """The demo's case: the HOG proxy up 1 % under W4A4 at 35 dB PSNR is noise, not an improvement."""
+    data = _proxy_run([0.008, 0.008, 0.008])  # +1.0 %, under the 2 % floor
+    summary = report.summarize(data, report.rank_prompts(data))
+    assert summary["average_relative_drop"] == pytest.approx(-0.01)
+    assert summary["average_settled_drop"] == 0.0 and summary["within_noise"] == ["subject_consistency_proxy"]
+    html = write_report(tmp_path / "a", data).read_text()
+    assert "no change" in html and " better</div>" not in html
+    scattered = _proxy_run([0.2, -0.05, -0.02])  # +5.4 % on average, but the prompts disagree: 2 SE ~ 20 %
+    assert report.summarize(scattered, [])["average_settled_drop"] == 0.0
+    clear = _proxy_run([0.04, 0.04, 0.041])  # +5 %, every prompt agrees: a real change, said as such
+    summary = report.summarize(clear, [])
+    assert summary["average_relative_drop"] < 0
+    assert summary["average_settled_drop"] == pytest.approx(summary["average_relative_drop"])
+    assert "better</div>" in write_report(tmp_path / "b", clear).read_text()
+
+
 def test_metrics_json_matches(tmp_path: Path) -> None:
     data = sample_data(frames=False)
     data.metrics.append(Metric("psnr_identical", float("inf"), float("nan")))

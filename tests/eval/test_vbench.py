@@ -174,3 +174,18 @@ def test_filename_round_trips_through_vbench_prompt_rule() -> None:
     assert len(name.encode()) < 255 and name.endswith("word-0.mp4")
     stem = os.path.splitext(f"{video_name('ünïcode prompt')}-12.mp4")[0]
     assert stem.rsplit("-", 1) == ["ünïcode prompt", "12"]
+
+
+def test_cached_scores_are_reused_for_the_same_videos_only(videos: Path, fake: tuple[str, Path],
+                                                           tmp_path: Path) -> None:
+    """A sweep's BF16 videos are scored once: the same files reuse scores.json; another file scores again."""
+    exe, record = fake
+    first = vbench.cached_vbench(videos, tmp_path / "bf16", dimensions=["imaging_quality"], executable=exe)
+    again = vbench.cached_vbench(videos, tmp_path / "bf16", dimensions=["imaging_quality"], executable=exe)
+    assert again == first and len(record.read_text().splitlines()) == 1
+    vbench.cached_vbench(videos, tmp_path / "bf16", dimensions=["imaging_quality", "aesthetic_quality"],
+                         executable=exe)
+    assert len(record.read_text().splitlines()) == 3  # other dimensions: scored again
+    next(videos.glob("*.mp4")).write_bytes(b"\x00\x00\x00\x18ftypmp42 changed")
+    vbench.cached_vbench(videos, tmp_path / "bf16", dimensions=["imaging_quality"], executable=exe)
+    assert len(record.read_text().splitlines()) == 4

@@ -15,7 +15,7 @@ from vidquant.formats.base import ColumnQuantizer
 
 SUPPORTED = ["hif4", "mxfp4", "mxfp4_sim", "mxfp8", "mxfp8_e5m2", "nvfp4", "nvfp4_sim",
              "int8", "int4", "int8_g64", "int4_g64", "int4_g64_full"]
-UNSUPPORTED = ["hif8", "hif8_inf", "fp8_e4m3", "fp8_e5m2"]
+UNSUPPORTED = ["hif8", "hif8_inf", "fp8_e4m3", "fp8_e5m2", "fp8_e4m3_tensor"]
 DTYPES = [torch.bfloat16, torch.float32]
 
 

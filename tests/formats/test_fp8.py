@@ -155,3 +155,43 @@ def test_grid_error_and_requantization(x: torch.Tensor, name: str) -> None:
     assert torch.equal(fmt.encode(y).codes, enc.codes)
     if x.dtype != torch.float32:
         assert_bits_equal(fmt.quantize_dequantize(y), y)
+
+
+# ---- per tensor ------------------------------------------------------------------------------------
+def test_per_tensor_rows_share_the_tensor_scale() -> None:
+    """amax 896 over the tensor -> scale 2 for both rows: the small row loses what a per-row scale keeps."""
+    fmt = formats.get("fp8_e4m3_tensor")
+    x = torch.tensor([[896.0, 34.0, -0.0, -2.0**-9], [2.0**-9, 0.0, 0.0, 0.0]])
+    enc = fmt.encode(x)
+    assert enc.meta["scale"].tolist() == [[2.0], [2.0]]
+    assert enc.codes.tolist() == [[0x7E, 0x58, 0x80, 0x80], [0, 0, 0, 0]]
+    per_row = formats.get("fp8_e4m3").quantize_dequantize(x)
+    assert per_row[1, 0] == 2.0**-9 and fmt.quantize_dequantize(x)[1, 0] == 0
+    data = fmt.pack(enc)
+    assert data.tolist() == [0x7E, 0x58, 0x80, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x40]
+    assert fmt.packed_nbytes(2, 4) == 12
+    assert_bits_equal(fmt.decode(fmt.unpack(data, (2, 4), -1, torch.float32)), fmt.decode(enc))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_tensor_matches_the_oracle(dtype: torch.dtype) -> None:
+    fmt = formats.get("fp8_e4m3_tensor")
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(3, 16, 40, generator=g) * torch.exp2(torch.randint(-8, 8, (3, 16, 1), generator=g).float()))
+    x = x.to(dtype)
+    values = x.float().numpy()
+    scale = f32(np.abs(values).max() / f32(448.0))
+    codes = ml_codes(values / scale, E4M3, ml_dtypes.float8_e4m3fn)
+    expected = torch.from_numpy(codes.numpy().view(ml_dtypes.float8_e4m3fn).astype(f32) * scale).to(dtype)
+    assert_bits_equal(fmt.quantize_dequantize(x), expected)
+    enc = fmt.encode(x)
+    data = fmt.pack(enc)
+    assert data.numel() == 3 * 16 * 40 + 4
+    assert_bits_equal(fmt.decode_packed(data, 48, 40, dtype), expected.reshape(48, 40))
+
+
+def test_per_tensor_pack_refuses_rows_with_other_scales() -> None:
+    fmt = formats.get("fp8_e4m3_tensor")
+    enc = formats.get("fp8_e4m3").encode(torch.tensor([[1.0, 2.0], [4.0, 8.0]]))
+    with pytest.raises(ValueError, match="share one tensor scale"):
+        fmt.pack(type(enc)("fp8_e4m3_tensor", enc.codes, enc.meta, enc.shape, enc.dim, enc.dtype))

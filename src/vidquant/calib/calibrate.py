@@ -10,8 +10,7 @@ settings.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,11 @@ import torch
 import torch.distributed as dist
 
 from .. import __version__
+from ..dist import deal
+from ..dist import rank as dist_rank
+from ..dist import world as dist_world
 from ..models import adapter_for
-from ..outputs import check_output, locked_output
+from ..outputs import locked_output, locked_output_ranks
 from ..progress import progress_bar
 from . import histogram
 from .collector import collecting
@@ -119,12 +121,9 @@ def calibrate(
         _report_nonfinite(stats)
         return stats
     out = Path(out)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = dist_rank(), dist_world()
     # one process holds the folder's lock; torchrun's ranks share it, each writing its own file
-    guard = locked_output(out, STATS_OWNED, "statistics folder") if rank == 0 else _checked(out)
-    with guard:
-        if world > 1:
-            dist.barrier()  # rank 0 has created the folder and removed stale temp files
+    with locked_output_ranks(out, STATS_OWNED, "statistics folder"):
         stats = _calibrate_rank(model, prompts, settings, out, rank, world, progress)
         if world > 1:
             stats = _all_reduce(stats)
@@ -150,11 +149,6 @@ def _calibrate_loop(model: Any, loop: ForwardLoop, settings: CalibSettings, out:
     return stats
 
 
-@contextmanager
-def _checked(out: Path) -> Iterator[Path]:
-    yield check_output(out, STATS_OWNED, "statistics folder")
-
-
 def _calibrate_rank(pipe: Any, prompts: list[str], settings: CalibSettings, out: Path, rank: int, world: int,
                     progress: bool) -> CalibStats:
     """This process's share of the prompts (resuming its file in ``out``), statistics not yet merged."""
@@ -162,7 +156,7 @@ def _calibrate_rank(pipe: Any, prompts: list[str], settings: CalibSettings, out:
     device = adapter.device()
     stats = new_stats(pipe, settings, prompt_set_hash(prompts), device)
     stats.meta["world_size"] = world
-    mine = list(range(rank, len(prompts), world))
+    mine = deal(range(len(prompts)), rank, world)
     file = out / (STATS_FILE if world == 1 else f"rank{rank}-of-{world}.safetensors")
     if file.is_file():
         old = load_stats(file, device)

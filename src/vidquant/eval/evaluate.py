@@ -24,7 +24,7 @@ from . import metrics
 from .generate import check_pair, folder_info, load_frames, load_records
 from .report import METRICS, REPORT, Metric, PromptResult, ReportData, write_report
 from .tails import worst_tails
-from .vbench import VBenchError, run_vbench, vbench_status
+from .vbench import VBenchError, cached_vbench, run_vbench, vbench_status
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ EVALUATION = "evaluation.json"
 REPORT_OWNED = (EVALUATION, REPORT, METRICS, "vbench")  # what an evaluation / report folder may hold
 # metrics.TEMPORAL keys -> report names: the proxies must not pass for VBench's own dimensions
 REPORT_NAME = {"temporal_flickering": "temporal_flickering", "motion_smoothness": "motion_smoothness_proxy",
-               "subject_consistency": "subject_consistency_proxy"}
+               "subject_consistency": "subject_consistency_proxy", "identity_consistency": "identity_consistency"}
 
 
 @dataclass
@@ -63,8 +63,12 @@ class Evaluation:
 
 
 def evaluate(bf16_dir: str | Path, quantized_dir: str | Path, *, vbench: bool = False,
-             vbench_out: str | Path | None = None) -> Evaluation:
-    """Compare the quantized videos with their BF16 references (same prompts, same protocol, checked first)."""
+             vbench_out: str | Path | None = None, vbench_bf16_out: str | Path | None = None) -> Evaluation:
+    """Compare the quantized videos with their BF16 references (same prompts, same protocol, checked first).
+
+    VBench scores go to ``vbench_out/{bf16,quantized}``; ``vbench_bf16_out`` puts the BF16 ones elsewhere (a sweep
+    shares one folder among its cells), and BF16 scores of the same videos are reused (`cached_vbench`).
+    """
     pairs = check_pair(bf16_dir, quantized_dir)
     rows = [metrics.compare_videos(ref, test) for ref, test in pairs]
     mean = metrics.summarize(rows)["mean"]
@@ -72,6 +76,7 @@ def evaluate(bf16_dir: str | Path, quantized_dir: str | Path, *, vbench: bool = 
         Metric("psnr", None, mean["psnr"]),
         Metric("ssim", None, mean["ssim"]),
         Metric("latent_rel_err", None, mean["latent_rel_error"]),
+        Metric("identity_drift", None, mean["identity_drift"]),
         *[Metric(REPORT_NAME[n], mean[f"{n}_ref"], mean[f"{n}_test"]) for n in metrics.TEMPORAL],
     ]
     ref_info, test_info = (info.model if (info := folder_info(d)) else {} for d in (bf16_dir, quantized_dir))
@@ -90,15 +95,16 @@ def evaluate(bf16_dir: str | Path, quantized_dir: str | Path, *, vbench: bool = 
             notes.append(message)
         else:
             out = Path(vbench_out) if vbench_out is not None else Path(quantized_dir).parent / "vbench"
+            ref_out = Path(vbench_bf16_out) if vbench_bf16_out is not None else out / "bf16"
             try:
-                table += _vbench_metrics(Path(bf16_dir), Path(quantized_dir), out)
+                table += _vbench_metrics(Path(bf16_dir), Path(quantized_dir), ref_out, out / "quantized")
             except (VBenchError, ValueError, OSError) as err:  # an optional scorer must not cost the evaluation
                 logger.error("VBench failed, the evaluation goes without it: %s", err)
                 notes.append(f"VBench failed, so its dimensions are missing: {err}")
     prompts = [
         PromptResult(
             prompt=ref.prompt,
-            quantized={"ssim": row["ssim"], "psnr": row["psnr"],
+            quantized={"ssim": row["ssim"], "psnr": row["psnr"], "identity_drift": row["identity_drift"],
                        **{REPORT_NAME[n]: row[f"{n}_test"] for n in metrics.TEMPORAL}},
             bf16={REPORT_NAME[n]: row[f"{n}_ref"] for n in metrics.TEMPORAL},
         )
@@ -144,6 +150,7 @@ def report(evaluation: Evaluation, out: str | Path, *, state: Any = None, stats:
         tails=worst_tails(stats) if stats is not None else [],
         notes=evaluation.notes,
         plan={} if state is None else state.plan,
+        qat={} if state is None else state.qat,
     )
     return write_report(out, data)
 
@@ -162,9 +169,9 @@ def frames_of(evaluation: Evaluation) -> list[tuple[np.ndarray | None, np.ndarra
     return out
 
 
-def _vbench_metrics(bf16_dir: Path, quantized_dir: Path, out: Path) -> list[Metric]:
-    ref = run_vbench(bf16_dir, out / "bf16")
-    test = run_vbench(quantized_dir, out / "quantized")
+def _vbench_metrics(bf16_dir: Path, quantized_dir: Path, ref_out: Path, test_out: Path) -> list[Metric]:
+    ref = cached_vbench(bf16_dir, ref_out)
+    test = run_vbench(quantized_dir, test_out)
     return [Metric(dim, ref[dim]["mean"], test[dim]["mean"], group="vbench") for dim in ref]
 
 

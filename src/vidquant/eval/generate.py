@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import save_file
 
-from vidquant import __version__
+from vidquant import __version__, dist
 from vidquant.atomic import atomic_path
 from vidquant.eval.probes import PeakMemory, StepTimer, peak_memory, weight_bytes
 from vidquant.eval.protocol import Protocol
@@ -97,8 +97,12 @@ def generate_videos(
     source: str | None = None,
     replace_stale: bool = False,
     model_info: dict | None = None,
+    indices: Collection[int] | None = None,
 ) -> list[VideoRecord]:
     """Generate (or resume) one video per prompt under ``protocol``; return their records in prompt order.
+
+    ``indices``: only these prompts (seeds and file names still those of their index in ``prompts``), e.g. the
+    drafts a router escalates; the others are neither generated nor returned.
 
     A prompt whose sidecar already holds this protocol and prompt is not generated again. ``out_dir``
     belongs to one protocol, one prompt list and one ``source`` (a fingerprint of the model and state
@@ -106,19 +110,17 @@ def generate_videos(
     raises a ValueError naming the directory. With ``replace_stale`` a folder of ours made from another
     source is emptied of its videos first (the main job's own folders), never anything else. ``model_info``
     (what made the videos: weight bytes, recipe) is recorded in ``protocol.json`` for `evaluate`.
+
+    Under torchrun the prompts left to generate are dealt round-robin across ranks (`dist.deal`; prompt ``i``
+    keeps seed ``protocol.seed + i``, so the videos are those of one process): rank 0 alone claims the folder,
+    each rank writes only its own prompts' files, and after a barrier every rank returns every record and rank
+    0 writes ``prompts.json``.
     """
     adapter_for(pipe).check_protocol(protocol)
-    out = check_output(out_dir, VIDEO_OWNED, "video folder")
-    out.mkdir(parents=True, exist_ok=True)
-    records = load_records(out)
-    if replace_stale and _stored_source(out) not in (None, source):
-        logger.info("%s: videos of another model or state, generating them again", out)
-        for entry in out.iterdir():
-            if entry.is_file() and entry.name != LOCK_FILE:
-                entry.unlink()
-        records = []
-    _claim(out, protocol, records, source, model_info)
-    done = {r.index: r for r in records}
+    out = Path(out_dir)
+    # under torchrun rank 0 alone claims the folder (and empties a stale one); every rank then reads the same records
+    dist.on_main(lambda: _prepare(out, protocol, source, replace_stale, model_info))
+    done = {r.index: r for r in load_records(out)}
     for index, prompt in enumerate(prompts):
         old = done.get(index)
         if old is not None and old.prompt != prompt:
@@ -129,12 +131,17 @@ def generate_videos(
         if old is not None and not all(p.is_file() for p in old.paths.values()):
             logger.warning("%s: files of video %d are missing, generating it again", out, index)
             del done[index]
-    todo = [i for i in range(len(prompts)) if i not in done]
-    logger.info("%s: %d of %d videos to generate", out, len(todo), len(prompts))
+    wanted = range(len(prompts)) if indices is None else sorted(set(indices) & set(range(len(prompts))))
+    todo = [i for i in wanted if i not in done]
+    rank, world = dist.rank(), dist.world()
+    mine = dist.deal(todo, rank, world)  # each rank writes the files of its own prompts only
+    logger.info("%s: %d of %d videos to generate%s", out, len(todo), len(prompts),
+                f", {len(mine)} by rank {rank}" if world > 1 else "")
 
     pipe.set_progress_bar_config(disable=True)
-    with progress_bar(progress) as bar:
-        video_task = bar.add_task("videos", total=len(prompts), completed=len(prompts) - len(todo))
+    with progress_bar(progress and dist.is_main()) as bar:
+        video_task = bar.add_task("videos", total=len(wanted) - len(todo) + len(mine),
+                                  completed=len(wanted) - len(todo))
         step_task = bar.add_task("steps", total=protocol.steps)
 
         def step_done() -> None:
@@ -142,12 +149,36 @@ def generate_videos(
             if on_step is not None:
                 on_step()
 
-        for index in todo:
+        for index in mine:
             bar.reset(step_task)
             done[index] = _generate_one(pipe, prompts[index], index, protocol, out, step_done)
-            _write_json(out / PROMPTS_FILE, {r.paths["mp4"].name: r.prompt for r in done.values()})
+            if world == 1:
+                _write_json(out / PROMPTS_FILE, {r.paths["mp4"].name: r.prompt for r in done.values()})
             bar.advance(video_task)
-    return [done[i] for i in range(len(prompts))]
+    if world > 1:  # the other ranks' videos are complete once their sidecars are: read them all back
+        dist.barrier()
+        done = {r.index: r for r in load_records(out)}
+        missing = [i for i in wanted if i not in done]
+        if missing:
+            raise RuntimeError(f"{out}: videos {missing[:5]} are missing after every rank finished")
+        dist.on_main(lambda: _write_json(out / PROMPTS_FILE, {done[i].paths["mp4"].name: done[i].prompt
+                                                             for i in sorted(done)}))
+    return [done[i] for i in wanted]
+
+
+def _prepare(out: Path, protocol: Protocol, source: str | None, replace_stale: bool, model_info: dict | None) -> None:
+    """Check ``out`` as a video folder, create it, empty it of another source's videos (``replace_stale``), and
+    claim it for ``protocol`` and ``source`` (`_claim`)."""
+    check_output(out, VIDEO_OWNED, "video folder")
+    out.mkdir(parents=True, exist_ok=True)
+    records = load_records(out)
+    if replace_stale and _stored_source(out) not in (None, source):
+        logger.info("%s: videos of another model or state, generating them again", out)
+        for entry in out.iterdir():
+            if entry.is_file() and entry.name != LOCK_FILE:
+                entry.unlink()
+        records = []
+    _claim(out, protocol, records, source, model_info)
 
 
 def _generate_one(

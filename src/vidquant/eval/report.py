@@ -40,6 +40,8 @@ KNOWN: dict[str, tuple[str, str, bool, str]] = {
     "temporal_flickering": ("Temporal flickering", "Flicker", True, ""),
     "motion_smoothness_proxy": ("Motion smoothness (proxy)", "Smooth.*", True, ""),
     "subject_consistency_proxy": ("Subject consistency (proxy)", "Subj.*", True, ""),
+    "identity_consistency": ("Identity consistency", "Ident.", True, ""),
+    "identity_drift": ("Identity drift vs BF16", "Id drift", False, ""),
     "subject_consistency": ("Subject consistency", "Subj.", True, ""),
     "motion_smoothness": ("Motion smoothness", "Smooth.", True, ""),
     "imaging_quality": ("Imaging quality", "Imaging", True, ""),
@@ -50,6 +52,11 @@ KNOWN: dict[str, tuple[str, str, bool, str]] = {
     "seconds_per_step": ("Seconds per step", "s/step", False, "s"),
 }
 _SHADE_FULL = 0.20  # a 20 % relative drop gets the full colour
+# Weight-free proxies move by this much with no change in quality: the HOG subject proxy +1.0 % under W4A4 at 35 dB
+# PSNR in the demo; on the tiny Wan2.2 pipeline (bench/identity.py) the per-video proxies' means moved by up to
+# 2.0 % (identity_consistency, rtn-nvfp4: "better") and the HOG proxy by at most 0.63 % whatever the recipe, even
+# a broken INT4 one. A smaller relative change of a "quality" metric reads as "no change" in the headline.
+NOISE_FLOOR = 0.02
 _MAX_WORST = 5
 
 
@@ -145,6 +152,7 @@ class ReportData:
     - ``tails``: `ActivationTail` of the worst layers (the first 8 are plotted)
     - ``notes``: shown as call-outs (e.g. why VBench is missing); ``extra``: any other settings, shown as is
     - ``plan``: the state's layer plan; when ``protect_blocks: auto`` chose its blocks, the sensitivity table
+    - ``qat``: a fine-tuned state's QAT record (`ptq.finetune`): PTQ vs PTQ + QAT losses, what trained, what was kept
     """
 
     metrics: list[Metric]
@@ -160,6 +168,7 @@ class ReportData:
     notes: list[str] = field(default_factory=list)
     extra: Mapping[str, Any] = field(default_factory=dict)
     plan: Mapping[str, Any] = field(default_factory=dict)
+    qat: Mapping[str, Any] = field(default_factory=dict)
     title: str = "vidquant: quantized vs BF16"
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
@@ -225,6 +234,9 @@ def summarize(data: ReportData, ranking: list[PromptRank]) -> dict[str, Any]:
     summary: dict[str, Any] = {"average_relative_drop": None, "metrics_averaged": len(quality)}
     if quality:
         summary["average_relative_drop"] = float(np.mean([m.drop for m in quality]))
+        settled = [settled_drop(data, m) for m in quality]
+        summary["average_settled_drop"] = float(np.mean(settled))  # changes within noise counted as none
+        summary["within_noise"] = [m.name for m, d in zip(quality, settled, strict=True) if d == 0]
         worst = max(quality, key=lambda m: m.drop)
         summary["worst_dimension"] = _metric_json(worst)
     vb = [m for m in data.metrics if m.group == "vbench" and m.bf16 is not None and m.quantized is not None]
@@ -245,6 +257,23 @@ def summarize(data: ReportData, ranking: list[PromptRank]) -> dict[str, Any]:
     return summary
 
 
+def settled_drop(data: ReportData, m: Metric) -> float:
+    """``m.drop``, or 0.0 when it is within the metric's noise, so that a proxy moved by noise reads as "no change".
+
+    Noise: two paired standard errors of the per-prompt relative changes where the prompts carry both values, and
+    for weight-free metrics (group "quality") at least `NOISE_FLOOR`.
+    """
+    drop = m.drop
+    if drop is None:
+        return 0.0
+    changes = [_prompt_drop(data, p, m.name) for p in data.prompts]
+    changes = [c for c in changes if math.isfinite(c)]
+    noise = 2 * float(np.std(changes, ddof=1)) / math.sqrt(len(changes)) if len(changes) >= 2 else 0.0
+    if m.group == "quality":
+        noise = max(noise, NOISE_FLOOR)
+    return 0.0 if abs(drop) <= noise else drop
+
+
 # ---------------------------------------------------------------- HTML
 
 
@@ -253,7 +282,8 @@ def _render(data: ReportData, ranking: list[PromptRank], summary: dict, max_stri
     subtitle = " · ".join(escape(s) for s in (recipe, data.model, data.created) if s)
     body = [_cards(data, summary)]
     body += [f'<div class="note">{escape(n)}</div>' for n in data.notes]
-    body += [_metrics_table(data), _prompts_table(data, ranking), _sqnr_section(data), blocks_section(data.plan),
+    body += [_metrics_table(data), _prompts_table(data, ranking), _sqnr_section(data), _qat_section(data),
+             blocks_section(data.plan),
              _tails_section(data), _strips_section(data, ranking, max_strips), _settings_section(data)]
     footer = f"vidquant {escape(data.library_version)} · generated {escape(data.created)} · self-contained file"
     return page(escape(data.title), subtitle, "\n".join(b for b in body if b), footer)
@@ -263,9 +293,15 @@ def _cards(data: ReportData, s: dict) -> str:
     cards = []
     avg = s["average_relative_drop"]
     if avg is not None:
-        value = _pct(abs(avg), signed=False) + ("" if avg >= 0 else " better")
-        cards.append(_card("Average relative drop", value, f"over {s['metrics_averaged']} quality metrics",
-                           "bad" if avg > 0.01 else "good"))
+        settled = s["average_settled_drop"]
+        value = _pct(abs(avg), signed=False) + (" better" if settled < 0 else "")
+        if settled == 0:  # every change within its metric's noise: no verdict either way
+            value = "no change"
+        sub = f"over {s['metrics_averaged']} quality metrics" + (f" (raw {_pct(avg)})" if settled == 0 else "")
+        if s["within_noise"]:
+            sub += f"; {len(s['within_noise'])} within noise: " + ", ".join(escape(_short_label(n))
+                                                                           for n in s["within_noise"])
+        cards.append(_card("Average relative drop", value, sub, "bad" if settled > 0.01 else "good"))
     if "vbench_mean" in s:
         v = s["vbench_mean"]
         cards.append(_card("VBench mean", f"{_num(v['quantized'])}",
@@ -352,6 +388,34 @@ def _sqnr_section(data: ReportData) -> str:
             f"(higher is better; dashed: median).</figcaption></figure>"
             f'<h3>Lowest SQNR layers</h3><table><tr><th class="l">Expert</th><th class="l">Layer</th>'
             f"<th>SQNR (dB)</th></tr>{rows}</table></section>")
+
+
+def _qat_section(data: ReportData) -> str:
+    """PTQ vs PTQ + QAT: the distillation loss (MSE vs the BF16 teacher per expert call) before and after, on the
+    training calls and on held-out calls, and whether the fine-tuned deltas or the PTQ state were kept."""
+    qat = data.qat
+    if not qat or "loss" not in qat:
+        return ""
+    loss = qat["loss"]
+    rows = "".join(
+        f'<tr><td class="l">{escape(what)}</td><td>{_num(loss.get(f"{key}_before"))}</td>'
+        f'<td>{_num(loss.get(f"{key}_after"))}</td><td>{_pct(_change(loss, key))}</td></tr>'
+        for what, key in (("training calls", "train"), ("held-out calls", "held_out")))
+    kept = ("the fine-tuned deltas (best held-out step " + escape(str(qat.get("best_step"))) + ")"
+            if qat.get("kept") == "qat" else "the PTQ state unchanged: " + escape(str(qat.get("why", ""))))
+    trained = escape(", ".join(map(str, qat.get("train", []))))
+    return (f"<section><h2>PTQ vs PTQ + QAT</h2><p class=\"legend\">Quantization-aware fine-tuning ({trained}; "
+            f"{escape(str(qat.get('steps')))} steps, lr {escape(str(qat.get('lr')))}, rank "
+            f"{escape(str(qat.get('rank')))}): output MSE against the BF16 teacher per expert call. Kept: {kept}."
+            f'</p><table><tr><th class="l">Loss on</th><th>PTQ</th><th>PTQ + QAT</th><th>Change</th></tr>{rows}'
+            "</table></section>")
+
+
+def _change(loss: Mapping[str, Any], key: str) -> float | None:
+    before, after = loss.get(f"{key}_before"), loss.get(f"{key}_after")
+    if not isinstance(before, int | float) or not isinstance(after, int | float) or before == 0:
+        return None
+    return (after - before) / before
 
 
 def _tails_section(data: ReportData) -> str:
@@ -532,6 +596,7 @@ def _metrics_json(data: ReportData, ranking: list[PromptRank], summary: dict) ->
         "sqnr": [dict(r) for r in data.sqnr],
         "activation_tails": tails,
         "notes": data.notes,
+        **({"qat": dict(data.qat)} if data.qat else {}),
     }
 
 

@@ -41,7 +41,8 @@ SKIPPED = ("peak_memory_bytes", "seconds_per_step")  # measured per run, noisy o
 DROP = "drop"
 # per-prompt metrics of the category breakdown: name -> (label, higher is better, unit)
 CATEGORY_METRICS = {"psnr": ("PSNR vs BF16", True, "dB"), "ssim": ("SSIM vs BF16", True, ""),
-                    "subject_consistency_drop": ("Subject consistency (proxy) drop vs BF16", False, "%")}
+                    "subject_consistency_drop": ("Subject consistency (proxy) drop vs BF16", False, "%"),
+                    "identity_drift": ("Identity drift vs BF16 (eval/identity.py)", False, "")}
 _BEST_STYLE = "background:rgba(14,124,58,.16);font-weight:650"
 
 

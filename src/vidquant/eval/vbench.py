@@ -17,6 +17,7 @@ the hubs, which is what an offline GPU node needs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +26,10 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_path
+from ..checksum import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +148,35 @@ def run_vbench(
     if not env.get(ENV_CACHE):
         logger.warning("%s is not set: VBench will look for its weights in ~/.cache/vbench", ENV_CACHE)
     return {dim: _run_one(exe, videos, out / dim, dim, env, timeout) for dim in dimensions}
+
+
+SCORES = "scores.json"  # a reusable `run_vbench` result, beside the dimension folders
+
+
+def cached_vbench(videos_dir: str | Path, out_dir: str | Path, dimensions: Sequence[str] = PAPER_DIMENSIONS,
+                  **kwargs: Any) -> dict[str, dict]:
+    """`run_vbench`, or its earlier result in ``out_dir/scores.json`` when that was made from the same video files
+    (names and sha256) and dimensions: the BF16 videos of a sweep are scored once, not once per cell (a 720p
+    scoring pass costs minutes per dimension)."""
+    key = _scores_key(Path(videos_dir), dimensions)
+    path = Path(out_dir) / SCORES
+    try:
+        stored = json.loads(path.read_text())
+        if stored["key"] == key:
+            logger.info("VBench: reusing the scores of %s in %s", videos_dir, path)
+            return stored["scores"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, or unreadable: score again
+    scores = run_vbench(videos_dir, out_dir, dimensions, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"key": key, "scores": scores}))
+    return scores
+
+
+def _scores_key(videos: Path, dimensions: Sequence[str]) -> str:
+    parts = [VBENCH_VERSION, list(dimensions), [[p.name, file_sha256(p)] for p in sorted(videos.glob("*.mp4"))]]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 def check_vbench_paths(*paths: str | Path) -> None:

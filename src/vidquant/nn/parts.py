@@ -3,8 +3,9 @@
 A method's per-layer result is a dict of named tensors (`state.LayerState`); each name belongs to one part
 registered here (`register_part`), which checks the tensor against the layer's shape and builds the part.
 Parts of today: an input transform (`ChannelMask`: ``mask``), a `LowRankBranch` (``lowrank_down``,
-``lowrank_up``), the `ActQuantizer` (``act_clip``, optionally one ratio per timestep bin) and the weight
-(``weight_packed``: the residual already rounded to the weight format, e.g. GPTQ's). A new method adds a
+``lowrank_up``), the `ActQuantizer` (``act_clip``, optionally one ratio per timestep bin), the weight
+(``weight_packed``: the residual already rounded to the weight format, e.g. GPTQ's) and a QAT delta (`LoRADelta`:
+``lora_down``, ``lora_up``). A new method adds a
 part (a rotation, a packed-runtime weight) in a file of its own.
 """
 
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from vidquant import formats
 from vidquant.formats import Format
 from vidquant.methods.smoothing import quantize_input
+from vidquant.methods.ste import ste_quantize_input
 
 
 class StepContext:
@@ -209,8 +211,56 @@ class ActQuantizer(Part):
         return clip[b]
 
     def forward(self, v: Tensor) -> Tensor:
-        """Clip and quantize the transformed fp32 input ``v`` (`smoothing.quantize_input`, no mask)."""
-        return quantize_input(v, None, self.format, self.ratio())
+        """Clip and quantize the transformed fp32 input ``v`` (`smoothing.quantize_input`, no mask); while
+        training (a gradient wanted for ``v`` or a trainable ratio) the same values through the STE (`methods.ste`)."""
+        ratio = self.ratio()
+        if torch.is_grad_enabled() and (v.requires_grad or (ratio is not None and ratio.requires_grad)):
+            return ste_quantize_input(v, self.format, ratio)
+        return quantize_input(v, None, self.format, ratio)
+
+
+@register_part
+class LoRADelta(Part):
+    """A trained low-rank correction ``(x down^T) up^T`` added to the layer's output (QAT, `ptq.finetune`).
+
+    It reads the layer's raw input ``x`` (not the masked or rotated one), so it corrects the layer's function
+    whatever transforms precede the quantizer, and is independent of a mask trained alongside it. Factors are
+    kept in fp32 (the trained values) and computed in the input's dtype; the quantized weight stays frozen
+    (packed or dense), so the fake and the packed runtime add the very same delta.
+    """
+
+    tensor_names = ("lora_down", "lora_up")
+
+    def __init__(self, down: Tensor, up: Tensor, device: torch.device) -> None:
+        super().__init__()
+        self.register_buffer("lora_down", down.detach().to(device, torch.float32).contiguous())
+        self.register_buffer("lora_up", up.detach().to(device, torch.float32).contiguous())
+
+    @classmethod
+    def check(cls, tensors: dict[str, Tensor], out_features: int, in_features: int, weight_format: str | None) -> None:
+        if set(tensors) != set(cls.tensor_names):
+            raise ValueError("lora_down and lora_up come together")
+        down, up = tensors["lora_down"], tensors["lora_up"]
+        if not (down.is_floating_point() and up.is_floating_point()):
+            raise ValueError(f"lora factors must be floating point, got {down.dtype} and {up.dtype}")
+        rank = down.shape[0] if down.dim() == 2 else -1
+        if down.dim() != 2 or down.shape[1] != in_features or rank < 1:
+            raise ValueError(f"lora_down must have shape (rank, {in_features}), got {tuple(down.shape)}")
+        if up.shape != (out_features, rank):
+            raise ValueError(f"lora_up must have shape ({out_features}, {rank}) to match lora_down, "
+                             f"got {tuple(up.shape)}")
+        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+            raise ValueError("lora factors have non-finite values (NaN or Inf)")
+
+    @property
+    def rank(self) -> int:
+        return self.lora_down.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x @ self.lora_down.to(x.dtype).T) @ self.lora_up.to(x.dtype).T
+
+    def deployed_nbytes(self) -> int:
+        return 2 * (self.lora_down.numel() + self.lora_up.numel())  # deployable in BF16
 
 
 @register_part

@@ -20,12 +20,14 @@ from torch import Tensor, nn
 from vidquant import formats
 from vidquant.formats import Encoded
 from vidquant.methods.smoothing import residual_weight
+from vidquant.methods.ste import ste_quantize
 from vidquant.nn.hadamard import HadamardRotation
 from vidquant.nn.packed import PackedLinearWeight
 from vidquant.nn.parts import (
     ActQuantizer,
     ChannelMask,
     InputTransform,
+    LoRADelta,
     LowRankBranch,
     StepContext,
     check_tensors,
@@ -65,6 +67,7 @@ class QuantLinear(nn.Module):
         encoded_weight: Encoded | None = None,
         tile_rows: int | None = None,
         device: torch.device | str | None = None,
+        lora: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(linear, nn.Linear):
@@ -84,6 +87,12 @@ class QuantLinear(nn.Module):
             down, up = _pair(lowrank)
             LowRankBranch.check({"lowrank_down": down, "lowrank_up": up}, self.out_features, self.in_features, None)
             self.lowrank = LowRankBranch(down, up, device, weight.dtype)
+        self.lora = None  # a QAT delta on the output (`parts.LoRADelta`), reading the raw input
+        if lora is not None:
+            down, up = _pair(lora)
+            LoRADelta.check({"lora_down": down, "lora_up": up}, self.out_features, self.in_features, None)
+            self.lora = LoRADelta(down, up, device)
+        self.requant_base: Tensor | None = None  # QAT of the transforms: see `train_transforms`
         wfmt = format_of(weight_format, "weight_format")
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
@@ -136,14 +145,52 @@ class QuantLinear(nn.Module):
             if runtime == "fake":
                 quantized, encoded = fmt.decode(encoded), None
         lowrank = (to["lowrank_down"], to["lowrank_up"]) if "lowrank_down" in to else None
+        lora = (to["lora_down"], to["lora_up"]) if "lora_down" in to else None
         rotation = HadamardRotation.from_tensors(to, device)  # after the mask: smooth, then rotate
         return cls(linear, weight_format, act_format, mask=to.get("mask"), act_clip=to.get("act_clip"),
                    lowrank=lowrank, quantized_weight=quantized, context=context, runtime=runtime,
                    transforms=None if rotation is None else [rotation],
-                   encoded_weight=encoded, tile_rows=tile_rows, device=device)
+                   encoded_weight=encoded, tile_rows=tile_rows, device=device, lora=lora)
+
+    def train_transforms(self, base_weight: Tensor) -> None:
+        """Let trainable input transforms (a mask) move the quantized weight: from now on each call re-folds
+        ``base_weight`` (the base Linear's own tensor, referenced, not copied) and re-quantizes it through the
+        STE, and the dense quantized copy is dropped, so the layer holds no second weight while training.
+        `freeze_transforms` quantizes once more under the final transforms and restores the dense weight."""
+        if self.packed is not None or self.weight_format is None:
+            raise ValueError("training the transforms needs the fake runtime and a weight format")
+        if tuple(base_weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"base weight must be {self.out_features}x{self.in_features}, got "
+                             f"{tuple(base_weight.shape)}")
+        self.requant_base = base_weight.detach()
+        self.weight = None
+
+    def freeze_transforms(self) -> None:
+        """End `train_transforms`: the dense weight quantized under the current transforms, as `from_state` makes it."""
+        if self.requant_base is None:
+            return
+        with torch.no_grad():
+            weight = self.requantized_weight()
+        self.requant_base = None
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def requantized_weight(self) -> Tensor:
+        """``Q_w(fold(W) - up·down)`` from the referenced base weight, differentiable in the transforms (STE); the
+        same arithmetic, in the same order, as the construction of the fake runtime's dense weight."""
+        base = self.requant_base
+        folded = base.to(torch.promote_types(base.dtype, torch.float32))
+        for t in self.transforms:
+            folded = t.fold(folded)
+        if self.lowrank is not None:
+            down, up = self.lowrank.factors()
+            folded = folded - up.to(folded.dtype) @ down.to(folded.dtype)
+        return ste_quantize(folded, self.weight_format).to(base.dtype)
 
     def dense_weight(self) -> Tensor:
         """The dequantized weight the layer multiplies by (decoded from its bytes under the packed runtime)."""
+        if self.requant_base is not None:  # while its transforms train (`train_transforms`)
+            with torch.no_grad():
+                return self.requantized_weight()
         return self.weight if self.packed is None else self.packed.dense()
 
     # read-only views of the parts' tensors, for inspection and size accounting
@@ -184,12 +231,17 @@ class QuantLinear(nn.Module):
             for t in self.transforms:
                 v = t(v)
             xq = self.act(v).to(x.dtype)
-        y = F.linear(xq, self.weight, self.bias) if self.packed is None else self.packed(xq, self.bias)
+        if self.packed is not None:
+            y = self.packed(xq, self.bias)
+        else:
+            y = F.linear(xq, self.weight if self.requant_base is None else self.requantized_weight(), self.bias)
         if self.lowrank is not None:  # the branch sees the transformed, unclipped, unquantized input
             xm = x
             for t in self.transforms:
                 xm = t.in_dtype(xm)
             y = y + self.lowrank(xm)
+        if self.lora is not None:
+            y = y + self.lora(x)
         return y
 
     def extra_repr(self) -> str:
@@ -207,6 +259,8 @@ class QuantLinear(nn.Module):
             parts.append(f"act_clip={values[0] if self.act_clip.dim() == 0 else values}")
         if self.lowrank is not None:
             parts.append(f"rank={self.lowrank.rank}")
+        if self.lora is not None:
+            parts.append(f"lora_rank={self.lora.rank}")
         parts.append(f"runtime={'fake' if self.packed is None else 'packed'}")
         return ", ".join(parts)
 

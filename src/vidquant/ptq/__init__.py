@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .. import dist
 from ..calib.capture import capture_calls
 from ..calib.data import ForwardLoop, calibration_data, is_prompts
 from ..calib.stats import CalibStats
@@ -22,11 +23,11 @@ from ..eval.fidelity import HELD_OUT_SEED_OFFSET
 from ..eval.probes import weight_bytes
 from ..models import adapter_for, split_name
 from ..recipes import Recipe, load_recipe, plan
-from ..state import PTQState
+from ..state import PTQState, checkpoint_of, load_state, remove_state
 from .masks import layer_mask
 from .registry import Method, QuantizeRun, method_class, method_names, register_method
 
-__all__ = ["Method", "QuantizeRun", "method_class", "method_names", "quantize", "register_method"]
+__all__ = ["Method", "QuantizeRun", "method_class", "method_names", "quantize", "quantize_into", "register_method"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,43 @@ def quantize(
     layers, bins = method.quantize(run)
     state = PTQState(layers, **header, timestep_bins=bins)
     return _auto_protect(run, state) if recipe.auto_protect else state
+
+
+def quantize_into(
+    model: Any,
+    recipe: Recipe,
+    stats: CalibStats | None,
+    out: str | Path,
+    *,
+    prompts: list[str] | None = None,
+    progress: bool = True,
+    hessian_budget_gb: float = DEFAULT_HESSIAN_BUDGET_GB,
+) -> PTQState:
+    """`quantize` into the state folder ``out``, finished layers kept in its checkpoint for a rerun (removed once
+    the state is saved); the state, on every rank.
+
+    Under torchrun a method that deals its layers (`Method.deals_layers`: svdquant-gptq) runs on every rank, each
+    on its share, exchanged through per-rank checkpoints; any other method runs on rank 0 alone (it is cheap)
+    while the others wait. Rank 0 saves the state; the other ranks then load it from ``out``.
+    """
+    deals = method_class(recipe.method).deals_layers
+    state: PTQState | None = None
+    partial = checkpoint_of(out)
+
+    def save() -> None:
+        nonlocal state
+        if state is None:
+            state = quantize(model, recipe, stats, prompts=prompts, progress=progress, checkpoint=partial,
+                             hessian_budget_gb=hessian_budget_gb)
+        state.save(out)
+        for path in dist.rank_paths(partial):  # every rank has read them (`quantize` ends on a barrier)
+            remove_state(path)
+
+    if deals and dist.world() > 1:
+        state = quantize(model, recipe, stats, prompts=prompts, progress=progress, checkpoint=partial,
+                         hessian_budget_gb=hessian_budget_gb)
+    dist.on_main(save)
+    return state if state is not None else load_state(out)
 
 
 def _auto_protect(run: QuantizeRun, state: PTQState) -> PTQState:

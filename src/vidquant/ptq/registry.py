@@ -56,6 +56,9 @@ class Method(ABC):
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
     needs_layer_inputs: ClassVar[bool] = False  # runs the calibration data again (Hessians, samples)
+    # under torchrun every rank calls `quantize` and takes a share of the layers (exchanged through
+    # ``run.checkpoint``); False: rank 0 alone quantizes, the others load what it saved
+    deals_layers: ClassVar[bool] = False
 
     def check(self, recipe: Recipe) -> None:  # noqa: B027 (an optional hook: most methods have no such rule)
         """Cross-field rules of a recipe using this method (raise ValueError)."""

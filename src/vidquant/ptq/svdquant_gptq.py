@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
-from .. import formats
+from .. import dist, formats
 from ..calib.layer_inputs import HELD_OUT_FRACTION, collect_layer_inputs, hessian_nbytes
 from ..calib.settings import MAX_BINS
 from ..checksum import tensor_sha256
@@ -174,6 +174,7 @@ class SVDQuantGPTQ(Method):
 
     Options = Options
     needs_layer_inputs = True
+    deals_layers = True
 
     def check(self, recipe: Recipe) -> None:
         if recipe.act_clip is not None and recipe.options.clip_search.enabled:
@@ -188,7 +189,16 @@ def quantize_layers(run: QuantizeRun) -> tuple[dict[str, LayerState], dict[str, 
     recipe, adapter, masks, options = run.recipe, run.adapter, run.masks, run.recipe.options
     experts = adapter.experts()
     edges = adapter.bin_edges(options.clip_search.bins)
+    rank, world = dist.rank(), dist.world()
+    if world > 1 and run.checkpoint is None:
+        logger.warning("under torchrun without a checkpoint folder to exchange layers through, every rank "
+                       "quantizes every layer")
+        rank, world = 0, 1
     layers = _resume(run.checkpoint, run.header, edges, masks)
+    mine_file = None if run.checkpoint is None else dist.rank_path(run.checkpoint, rank, world)
+    own = set(_saved_layers(mine_file, run.header, edges, masks, log=False)) if world > 1 else set(layers)
+    if world > 1:
+        dist.barrier()  # every rank has read the checkpoints before any rank rewrites its own
     todo = {
         expert: [g for group in adapter.input_groups(expert)
                  if (g := [n for n in group if qualify(expert, n) in masks and qualify(expert, n) not in layers])]
@@ -199,11 +209,12 @@ def quantize_layers(run: QuantizeRun) -> tuple[dict[str, LayerState], dict[str, 
     contexts = {expert: StepContext() for expert in experts}
     units = run.settings.num_prompts if isinstance(run.data, list) else None
     try:
-        with progress_bar(run.progress) as bar:
+        with progress_bar(run.progress and dist.is_main()) as bar:
             task = bar.add_task("svdquant-gptq layers", total=len(masks), completed=len(layers))
             prompt_task = bar.add_task("calibration pass", total=units)
             for pass_experts in passes:
-                for chunk in _chunks({e: todo[e] for e in pass_experts}, adapter, run.hessian_budget_bytes):
+                mine = _deal({e: todo[e] for e in pass_experts}, adapter, rank, world)
+                for chunk in _chunks(mine, adapter, run.hessian_budget_bytes):
                     bar.reset(prompt_task)
                     records = collect_layer_inputs(run.model, run.data, run.settings, chunk, edges,
                                                    options.clip_search.max_tokens,
@@ -219,10 +230,17 @@ def quantize_layers(run: QuantizeRun) -> tuple[dict[str, LayerState], dict[str, 
                                 name = qualify(expert, layer)
                                 layers[name] = quantize_layer(linears[layer], recipe, masks[name], hessian, samples,
                                                               name, held_out=held, tokens=rec.fitted_tokens)
+                                own.add(name)
                                 bar.advance(task)
                             del rec, hessian, samples, held
                     if run.checkpoint is not None:
-                        PTQState(layers, **run.header, timestep_bins=edges).save(run.checkpoint)
+                        saved = layers if world == 1 else {n: layers[n] for n in layers if n in own}
+                        PTQState(saved, **run.header, timestep_bins=edges).save(mine_file)
+                if world > 1:  # every rank takes the layers the others finished in this pass (and before)
+                    dist.barrier()
+                    layers.update(_resume(run.checkpoint, run.header, edges, masks, log=False))
+                    bar.update(task, completed=len(layers))
+                    dist.barrier()  # all have read before any rank rewrites its file (next pass) or rank 0 removes it
                 if options.sequential_experts:  # the next expert is calibrated behind this one, quantized
                     for name, state in layers.items():
                         expert, module_name = split_name(name)
@@ -236,6 +254,9 @@ def quantize_layers(run: QuantizeRun) -> tuple[dict[str, LayerState], dict[str, 
             swap(model, module_name, module)
         if originals:
             adapter.publish_bins({}, None)
+    missing = [name for name in masks if name not in layers]
+    if missing:
+        raise RuntimeError(f"svdquant-gptq: layers {missing[:3]} were quantized by no rank")
     ordered = {name: layers[name] for name in masks}
     return ordered, edges if options.clip_search.enabled else {}
 
@@ -387,12 +408,43 @@ def _chunks(groups: Groups, adapter: ModelAdapter, budget: int) -> list[Groups]:
     return chunks
 
 
+def _deal(groups: Groups, adapter: ModelAdapter, rank: int, world: int) -> Groups:
+    """This rank's share of a pass's input groups (all of them for one process), dealt by cost so the ranks
+    finish together: per Linear of a group, GPTQ's ``N K^2`` plus the ``K^3`` of its Hessian's factorization."""
+    if world == 1:
+        return groups
+    flat = [(expert, group) for expert, expert_groups in groups.items() for group in expert_groups]
+    costs = []
+    for expert, group in flat:
+        linears = adapter.target_linears(expert)
+        costs.append(sum(linears[n].out_features * linears[n].in_features ** 2 + linears[n].in_features ** 3
+                         for n in group))
+    mine: Groups = {}
+    for expert, group in dist.deal(flat, rank, world, weights=costs):
+        mine.setdefault(expert, []).append(group)
+    return mine
+
+
 def _resume(checkpoint: str | Path | None, header: dict, edges: dict[str, list[float]],
-            masks: dict[str, Tensor | None]) -> dict[str, LayerState]:
-    """Layers a previous run of the same recipe on the same model saved in ``checkpoint``."""
+            masks: dict[str, Tensor | None], *, log: bool = True) -> dict[str, LayerState]:
+    """Layers a previous run of the same recipe on the same model saved in ``checkpoint``, or in the per-rank
+    checkpoints of a torchrun (`dist.rank_paths`: whatever the number of ranks that wrote them)."""
     if checkpoint is None:
         return {}
     check_output(checkpoint, STATE_FILES, "checkpoint of finished layers (a PTQ state)")  # before any work
+    layers: dict[str, LayerState] = {}
+    for path in dist.rank_paths(checkpoint):
+        for name, layer in _saved_layers(path, header, edges, masks, log=log).items():
+            layers.setdefault(name, layer)
+    return layers
+
+
+def _saved_layers(checkpoint: Path | None, header: dict, edges: dict[str, list[float]],
+                  masks: dict[str, Tensor | None], *, log: bool = True) -> dict[str, LayerState]:
+    """The layers of ``masks`` that one checkpoint folder holds for the same recipe and model ({}: none)."""
+    if checkpoint is None:
+        return {}
+    check_output(checkpoint, STATE_FILES, "checkpoint of finished layers (a PTQ state)")
     if not (Path(checkpoint) / "manifest.json").is_file():
         return {}
     saved = load_state(checkpoint)
@@ -401,9 +453,11 @@ def _resume(checkpoint: str | Path | None, header: dict, edges: dict[str, list[f
     if differ := [key for key in found if found[key] != wanted[key]]:
         details = [f"{key} {k}" for key in differ if key == "base"
                    for k in wanted["base"] if found["base"].get(k) != wanted["base"][k]]
-        logger.warning("%s holds layers made from other inputs (%s): starting over", checkpoint,
-                       ", ".join(details or differ))
+        if log:
+            logger.warning("%s holds layers made from other inputs (%s): starting over", checkpoint,
+                           ", ".join(details or differ))
         return {}
     layers = {name: s for name, s in saved.layers.items() if name in masks}
-    logger.info("resuming from %s: %d of %d layers done", checkpoint, len(layers), len(masks))
+    if log:
+        logger.info("resuming from %s: %d of %d layers done", checkpoint, len(layers), len(masks))
     return layers

@@ -9,18 +9,15 @@ from __future__ import annotations
 import logging
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vidquant import formats
 from vidquant.methods.smoothing import DEFAULT_EPS
 from vidquant.patterns import compile_pattern
-from vidquant.safeyaml import load_yaml
+from vidquant.safeyaml import bundled_names, load_named_mapping
 from vidquant.validation import describe
-
-if TYPE_CHECKING:
-    from importlib.resources.abc import Traversable
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +171,7 @@ class Recipe(BaseModel):
 
 def recipe_names() -> list[str]:
     """The bundled recipes (YAML files shipped in this package), by name."""
-    return sorted(entry.name.removesuffix(".yaml") for entry in _BUNDLED.iterdir() if entry.name.endswith(".yaml"))
+    return bundled_names(_BUNDLED)
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
@@ -182,20 +179,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
 
     A file without a ``name`` key takes its file name (without suffix) as the recipe's name.
     """
-    if isinstance(name_or_path, str) and name_or_path in recipe_names():
-        source: Traversable | Path = _BUNDLED / f"{name_or_path}.yaml"
-    else:
-        source = Path(name_or_path).expanduser()
-        if not source.is_file():
-            raise ValueError(f"{name_or_path}: neither a bundled recipe ({', '.join(recipe_names())}) nor a file")
-    try:
-        text = source.read_bytes()
-    except OSError as err:
-        raise ValueError(f"{source}: unreadable ({err.strerror or err})") from None
-    data = load_yaml(text, source=str(source))  # safe, bounded (size, depth, aliases), no duplicate keys
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: a recipe must be a YAML mapping of keys to values, got {type(data).__name__}")
-    data.setdefault("name", source.name.removesuffix(".yaml").removesuffix(".yml"))
+    data, source, _ = load_named_mapping(name_or_path, _BUNDLED, "recipe")  # safe, bounded YAML, no duplicate keys
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:

@@ -89,7 +89,7 @@ def plan(model: Any, recipe: Recipe, *, sensitivity: dict[str, list[float]] | No
         blocks = adapter.block_indices(expert, layers)
         count = len(adapter.blocks(expert))
         if chosen is None:
-            result.protected_blocks[expert] = _resolve_blocks(recipe.protect_blocks, expert, count)
+            result.protected_blocks[expert] = resolve_blocks(recipe.protect_blocks, expert, count)
         else:
             result.protected_blocks[expert] = chosen.get(expert, [])
             if len(result.sensitivity.get(expert, [])) not in (0, count):
@@ -145,7 +145,7 @@ def _protection(name: str, block: int | None, protected_blocks: list[int], recip
     return None
 
 
-def _resolve_blocks(indices: list[int], expert: str, num_blocks: int) -> list[int]:
+def resolve_blocks(indices: list[int], expert: str, num_blocks: int) -> list[int]:
     """Block indices as non-negative positions in ``expert`` (-1 = its last block)."""
     for index in indices:
         if not -num_blocks <= index < num_blocks:
