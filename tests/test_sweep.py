@@ -135,7 +135,7 @@ def test_bundled_grids_resolve_against_their_base_recipes() -> None:
     hif8 = {c.name: c.recipe.protect_blocks for c in resolve_cells(load_grid("hif8-protection"), load_recipe("hif8"),
                                                                    CALIB, PROMPTS)}
     assert hif8 == {"none": [], "first-2": [0, 1], "last-3": [-3, -2, -1], "first-2+last-3": [0, 1, -3, -2, -1],
-                    "auto": "auto"}
+                    "auto": "auto", "auto-trajectory": "auto"}
     percentile = resolve_cells(load_grid("hif4-percentile"), load_recipe("tail-aware-hif4"), CALIB, PROMPTS)
     assert [(c.recipe.smoothing.statistic, c.recipe.smoothing.percentile) for c in percentile] == [
         ("percentile", 99.0), ("percentile", 99.9), ("percentile", 99.99), ("max", 99.9)]

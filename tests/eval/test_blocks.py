@@ -14,10 +14,12 @@ from vidquant import ptq
 from vidquant.calib.calibrate import CalibSettings
 from vidquant.calib.capture import capture_calls
 from vidquant.calib.prompts import default_prompts
-from vidquant.eval.blocks import analyze, block_sensitivity
-from vidquant.models import load_pipeline
+from vidquant.eval.blocks import analyze, block_sensitivity, trajectory_sensitivity
+from vidquant.models import adapter_for, load_pipeline
 from vidquant.models.tiny_wan21 import boundary_blocks, build_tiny_wan21_pipeline
 from vidquant.nn import QuantLinear
+from vidquant.recipes import Recipe, load_recipe
+from vidquant.state import PTQState
 
 SETTINGS = CalibSettings(num_prompts=1, steps=3, height=32, width=32, frames=9, bins=2, seed=7)
 FIRST, LAST = boundary_blocks(8)
@@ -141,3 +143,44 @@ def test_a_budget_of_two_over_the_hif4_track(wan21_dir: Path, stats, few_calls) 
     chosen = state.plan["protected_blocks"]["transformer"]
     assert len(chosen) <= 2 and len(state.plan["sensitivity"]["transformer"]) == 8
     assert len(state.layers) == 10 * (8 - len(chosen))
+
+
+def test_trajectory_sensitivity_is_the_latent_error_with_only_that_block_quantized(wan21_dir: Path, stats) -> None:
+    """One block's value is exactly the final latents' relative error of a model with only that block's layers
+    applied; blocks left out of the candidates are NaN; the model is left as it was."""
+    pipe = fresh(wan21_dir)
+    state = vidquant.quantize(pipe, "hif8", stats)
+    prompts = default_prompts()[:1]
+    got = trajectory_sensitivity(pipe, state, prompts, SETTINGS, 10_000, {"transformer": [0, 6]})["transformer"]
+    assert math.isnan(got["blocks"][3]) and got["blocks"][0] > 0 and got["all"] > 0
+    assert not any(isinstance(m, QuantLinear) for m in pipe.transformer.modules())
+    adapter = adapter_for(pipe)
+
+    def latents(model) -> torch.Tensor:
+        kwargs = adapter.call_kwargs(SETTINGS, prompts[0], SETTINGS.seed_for(10_000))
+        return model(**kwargs, output_type="latent").frames.double()
+
+    reference = latents(pipe)
+    only = fresh(wan21_dir)
+    vidquant.apply(only, PTQState({n: s for n, s in state.layers.items() if n.startswith("transformer.blocks.6.")},
+                                  state.recipe, state.base, state.plan, timestep_bins=state.timestep_bins),
+                   runtime="fake")
+    expected = float((latents(only) - reference).square().sum() / reference.square().sum())
+    assert got["blocks"][6] == pytest.approx(expected, rel=1e-9)
+
+
+def test_auto_protection_by_trajectories(wan21_dir: Path, stats, few_calls, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto_sensitivity: trajectory`` re-measures the one-call candidates over whole runs; the others keep a
+    scaled one-call value (here 3 candidates of 8)."""
+    monkeypatch.setattr(ptq, "AUTO_TRAJECTORY_CANDIDATES", 3)
+    recipe = Recipe.model_validate({**load_recipe("auto-boundary-hif8").to_dict(), "auto_sensitivity": "trajectory"})
+    assert recipe.to_dict()["auto_sensitivity"] == "trajectory"
+    assert "auto_sensitivity" not in load_recipe("auto-boundary-hif8").to_dict()  # old manifests unchanged
+    state = vidquant.quantize(fresh(wan21_dir), recipe, stats)
+    sens = state.plan["sensitivity"]["transformer"]
+    assert len(sens) == 8 and all(v >= 0 and math.isfinite(v) for v in sens)
+    assert len(state.plan["protected_blocks"]["transformer"]) == 5
+    with pytest.raises(ValueError, match="auto_sensitivity: trajectory runs whole denoising trajectories"):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        vidquant.quantize(model, Recipe.model_validate({**recipe.to_dict(), "protect_blocks": "auto"}),
+                          vidquant.calibrate(model, [torch.randn(2, 4)]), forward_loop=[torch.randn(2, 4)])

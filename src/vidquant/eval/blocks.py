@@ -24,7 +24,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +34,9 @@ from torch import Tensor, nn
 
 from .. import __version__, formats
 from ..atomic import atomic_path
-from ..calib.capture import ExpertCall, capture_calls
+from ..calib.capture import ExpertCall, capture_calls, first_tensor
 from ..calib.data import ForwardLoop, calibration_data, is_prompts
+from ..calib.settings import CalibSettings
 from ..calib.stats import CalibStats
 from ..formats.hif8 import FULL_PRECISION_BAND
 from ..models import adapter_for, split_name, timestep_bin
@@ -243,6 +244,66 @@ def block_sensitivity(model: Any, state: PTQState, calls: dict[str, list[ExpertC
             result[expert] = _expert_sensitivity(adapter, expert, state, expert_calls, lambda: bar.advance(task))
             logger.info("%s: block sensitivity %s (all blocks: %.3g)", expert,
                         ", ".join(f"{v:.3g}" for v in result[expert]["blocks"]), result[expert]["all"])
+    return result
+
+
+def trajectory_sensitivity(model: Any, state: PTQState, prompts: list[str], settings: CalibSettings,
+                           seed_offset: int, candidates: dict[str, list[int]] | None = None,
+                           progress: bool = False) -> dict[str, dict[str, Any]]:
+    """Per expert: ``blocks``, the relative error of the final latents, ``sum ||z_b - z||^2 / sum ||z||^2`` over
+    whole denoising trajectories of ``prompts`` (the calibration protocol ``settings``, seeds
+    ``settings.seed_for(seed_offset + i)``), with only that block's layers of ``state`` quantized (NaN for a
+    block not in ``candidates``, when given); ``all``: with every layer of the state.
+
+    Why, next to `block_sensitivity`'s one-call error: a block's error also changes the latents every later step
+    starts from, and one replayed call cannot see that compounding (on the tiny Wan2.1 the last three blocks are
+    not more sensitive than the middle ones one call at a time, yet protecting them matters more end to end).
+    Costs one trajectory per prompt per measured block: at full size, measure the candidates a one-call ranking
+    leaves (`ptq._auto_protect` does).
+    """
+    adapter = adapter_for(model)
+    experts = adapter.experts()
+    contexts = {expert: StepContext() for expert in experts}
+    todo = [(e, b) for e in experts for b in range(len(adapter.blocks(e)))
+            if candidates is None or b in candidates.get(e, [])]
+    model.set_progress_bar_config(disable=True)
+    result: dict[str, dict[str, Any]] = {e: {"blocks": [math.nan] * len(adapter.blocks(e)), "prompts": len(prompts),
+                                             "steps": settings.steps} for e in experts}
+    adapter.publish_bins(state.timestep_bins, lambda expert, b: setattr(contexts[expert], "timestep_bin", b))
+    try:
+        with torch.no_grad(), progress_bar(progress) as bar:
+            task = bar.add_task("trajectory sensitivity", total=len(prompts) * (len(todo) + 2))
+
+            def latents() -> list[Tensor]:
+                out = []
+                for i, prompt in enumerate(prompts):
+                    kwargs = adapter.call_kwargs(settings, prompt, settings.seed_for(seed_offset + i))
+                    out.append(first_tensor(model(**kwargs, output_type="latent")).double().cpu())
+                    bar.advance(task)
+                return out
+
+            def error(quantized: dict[str, dict[str, nn.Module]]) -> float:
+                with ExitStack() as stack:
+                    for expert, layers in quantized.items():
+                        stack.enter_context(_swapped(experts[expert], layers))
+                    got = latents()
+                num = sum(float((g - r).square().sum()) for g, r in zip(got, reference, strict=True))
+                den = sum(float(r.square().sum()) for r in reference)
+                return num / den if den > 0 else math.nan
+
+            reference = latents()
+            for expert, index in todo:
+                layers = list(adapter.target_linears(expert))
+                names = {n for n, b in zip(layers, adapter.block_indices(expert, layers), strict=True) if b == index}
+                one = _quant_layers(adapter, expert, state, contexts[expert], names)
+                result[expert]["blocks"][index] = error({expert: one})
+            everything = error({e: _quant_layers(adapter, e, state, contexts[e], runtime="packed") for e in experts})
+    finally:
+        adapter.publish_bins({}, None)
+    for expert in experts:
+        result[expert]["all"] = everything
+        logger.info("%s: trajectory sensitivity %s (all blocks: %.3g)", expert,
+                    ", ".join(f"{v:.3g}" for v in result[expert]["blocks"]), everything)
     return result
 
 

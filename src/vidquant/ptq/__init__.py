@@ -11,6 +11,7 @@ recipe's method (`ptq.registry`: ``smoothquant``, ``svdquant-gptq``, ...) makes 
 from __future__ import annotations
 
 import logging
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from .. import dist
 from ..calib.capture import capture_calls
 from ..calib.data import ForwardLoop, calibration_data, is_prompts
 from ..calib.stats import CalibStats
-from ..eval.blocks import block_sensitivity
+from ..eval.blocks import block_sensitivity, trajectory_sensitivity
 from ..eval.fidelity import HELD_OUT_SEED_OFFSET
 from ..eval.probes import weight_bytes
 from ..models import adapter_for, split_name
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_HESSIAN_BUDGET_GB = 16.0
 AUTO_PROMPTS = 2  # held-out prompts (calibration prompts, other seeds) whose expert calls rank the blocks
 AUTO_CALLS = 8  # replayed calls per expert: one forward each per block
+AUTO_TRAJECTORY_CANDIDATES = 16  # auto_sensitivity: trajectory: blocks measured by whole denoising runs
 
 
 def quantize(
@@ -70,6 +72,9 @@ def quantize(
                       checkpoint=checkpoint, hessian_budget_bytes=int(hessian_budget_gb * 2**30))
     if method.needs_layer_inputs or recipe.auto_protect:
         run.data, run.settings = calibration_data(stats, prompts, forward_loop)
+    if recipe.auto_protect and recipe.auto_sensitivity == "trajectory" and not is_prompts(run.data):
+        raise ValueError(f"recipe '{recipe.name}': auto_sensitivity: trajectory runs whole denoising trajectories, "
+                         "so it needs a video pipeline calibrated on prompts (use auto_sensitivity: call)")
     layers, bins = method.quantize(run)
     state = PTQState(layers, **header, timestep_bins=bins)
     return _auto_protect(run, state) if recipe.auto_protect else state
@@ -119,10 +124,32 @@ def _auto_protect(run: QuantizeRun, state: PTQState) -> PTQState:
     data = run.data[:AUTO_PROMPTS] if is_prompts(run.data) else run.data
     calls = capture_calls(run.model, data, run.settings, AUTO_CALLS, seed_offset=HELD_OUT_SEED_OFFSET)
     measured = block_sensitivity(run.model, state, calls, progress=run.progress)
-    final = plan(run.adapter, run.recipe, sensitivity={expert: s["blocks"] for expert, s in measured.items()})
+    sensitivity = {expert: s["blocks"] for expert, s in measured.items()}
+    if run.recipe.auto_sensitivity == "trajectory":
+        sensitivity = _trajectory_sensitivity(run, state, data, sensitivity)
+    final = plan(run.adapter, run.recipe, sensitivity=sensitivity)
     logger.info("protect_blocks auto:\n%s", final.summary())
     layers = {name: layer for name, layer in state.layers.items() if name in set(final.quantized)}
     return PTQState(layers, **_header(run.adapter, run.recipe, run.stats, final), timestep_bins=state.timestep_bins)
+
+
+def _trajectory_sensitivity(run: QuantizeRun, state: PTQState, prompts: list[str],
+                            by_call: dict[str, list[float]]) -> dict[str, list[float]]:
+    """``auto_sensitivity: trajectory``: the `AUTO_TRAJECTORY_CANDIDATES` blocks most sensitive on one call are
+    measured again over whole held-out denoising runs (`eval.blocks.trajectory_sensitivity`: the final latents'
+    error, which sees a block's error compound over the steps); a block left out (a deep model: 80 pairs at A14B)
+    keeps its one-call value scaled by the median ratio of the two measures over the candidates."""
+    pairs = sorted(((v, e, b) for e, values in by_call.items() for b, v in enumerate(values)), key=lambda p: -p[0])
+    candidates: dict[str, list[int]] = {}
+    for _, expert, block in pairs[:AUTO_TRAJECTORY_CANDIDATES]:
+        candidates.setdefault(expert, []).append(block)
+    measured = trajectory_sensitivity(run.model, state, prompts, run.settings, HELD_OUT_SEED_OFFSET, candidates,
+                                      progress=run.progress)
+    ratios = [measured[e]["blocks"][b] / by_call[e][b] for e, blocks in candidates.items() for b in blocks
+              if by_call[e][b] > 0]
+    scale = statistics.median(ratios) if ratios else 1.0
+    return {e: [measured[e]["blocks"][b] if b in candidates.get(e, []) else v * scale for b, v in enumerate(values)]
+            for e, values in by_call.items()}
 
 
 def _header(adapter, recipe: Recipe, stats: CalibStats | None, the_plan) -> dict:

@@ -88,6 +88,10 @@ class Recipe(BaseModel):
     protect_blocks: list[int] | Literal["auto"] = []
     max_protected_blocks: int | None = Field(None, ge=0)
     auto_stand_out: float = Field(2.0, ge=0.0)  # auto: keep a block only at >= this x the median sensitivity
+    # auto: "call", each block's output error on replayed expert calls (cheap), or "trajectory", the final latents'
+    # error over short held-out denoising runs with only that block quantized (sees the error compound over steps;
+    # one run per candidate block and prompt: `eval.blocks.trajectory_sensitivity`)
+    auto_sensitivity: Literal["call", "trajectory"] = "call"
     smoothing: Smoothing = Smoothing()
     act_clip: float | None = Field(None, gt=0.0, le=1.0)
     rotation: Rotation | None = None  # a Hadamard rotation after the mask (None: none)
@@ -163,6 +167,7 @@ class Recipe(BaseModel):
         # them stay as they were: no rotation, no auto protection
         unused = {"rotation"} if self.rotation is None else set()
         unused |= set() if self.auto_protect else {"auto_stand_out"}
+        unused |= set() if self.auto_protect and self.auto_sensitivity != "call" else {"auto_sensitivity"}
         data = self.model_dump(mode="json", exclude={"options"} | unused)
         if self.options is not None and type(self.options).model_fields:
             data[self.method] = self.options.model_dump(mode="json")
