@@ -92,8 +92,9 @@ def print_table(title: str, results: dict[str, dict[str, list[float]]]) -> None:
         print(f"{row:36}{cells}")
 
 
-def tiny_pipeline() -> None:
-    start = time.perf_counter()
+def tiny_setup(hessians: bool = True):
+    """The tiny pipeline, its calibration statistics, and per-layer held-out input samples per timestep bin
+    (other prompts, other seeds) that every row is scored on."""
     pipe = tiny.build_tiny_pipeline()
     prompts = default_prompts()
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,10 +102,16 @@ def tiny_pipeline() -> None:
     held_out = SETTINGS.model_copy(update={"num_prompts": HELD_OUT, "seed": SETTINGS.seed + 10_000})
     adapter = adapter_for(pipe)
     groups = {name: adapter.input_groups(name) for name in adapter.experts()}
-    inputs = collect_layer_inputs(pipe, prompts[SETTINGS.num_prompts:], held_out, groups,
-                                  adapter_for(pipe).bin_edges(BINS), max_tokens=1024)
+    inputs = collect_layer_inputs(pipe, prompts[SETTINGS.num_prompts:], held_out, groups, adapter.bin_edges(BINS),
+                                  max_tokens=1024, hessians=hessians)
     samples = {f"{e}.{layer}": rec.bin_samples() for e, recs in inputs.items() for rec in recs.values()
                for layer in rec.layers}
+    return pipe, prompts, stats, adapter, samples
+
+
+def tiny_pipeline() -> None:
+    start = time.perf_counter()
+    pipe, prompts, stats, adapter, samples = tiny_setup()
     results = {}
     for fmt in FORMATS:
         results[fmt] = {}
@@ -228,17 +235,7 @@ def few_tokens(width: int = 1536, counts: tuple[int, ...] = (64, 256, 4096), see
 def act_order_tiny(fmt: str = "hif4") -> None:
     """Table 4: act_order false / true in svdquant-gptq on the tiny pipeline, scored on held-out prompts."""
     start = time.perf_counter()
-    pipe = tiny.build_tiny_pipeline()
-    prompts = default_prompts()
-    with tempfile.TemporaryDirectory() as tmp:
-        stats = calibrate(pipe, prompts, SETTINGS, tmp, progress=False)
-    held_out = SETTINGS.model_copy(update={"num_prompts": HELD_OUT, "seed": SETTINGS.seed + 10_000})
-    adapter = adapter_for(pipe)
-    groups = {name: adapter.input_groups(name) for name in adapter.experts()}
-    inputs = collect_layer_inputs(pipe, prompts[SETTINGS.num_prompts:], held_out, groups, adapter.bin_edges(BINS),
-                                  max_tokens=1024, hessians=False)
-    samples = {f"{e}.{layer}": rec.bin_samples() for e, recs in inputs.items() for rec in recs.values()
-               for layer in rec.layers}
+    pipe, prompts, stats, adapter, samples = tiny_setup(hessians=False)
     full = load_recipe(f"svdquant-gptq-{fmt}").to_dict()
     print(f"\nact-order on the tiny Wan2.2 pipeline, svdquant-gptq-{fmt}, {SETTINGS.num_prompts} calibration and "
           f"{HELD_OUT} held-out prompts: layer-output SQNR on the held-out prompts")

@@ -77,6 +77,18 @@ def _sizes(model: str, height: int | None, width: int | None, frames: int | None
     return {key: defaults[key] if value is None else value for key, value in given.items()}
 
 
+def _protocol(model: str, steps: int | None, height: int | None, width: int | None, frames: int | None, cfg: float,
+              seed: int, run: bool = False):
+    """The generation protocol of `run`, `sweep` and `route`: the options given, else 40 steps (8 for a tiny model)
+    and `_sizes`' frames."""
+    from .eval.protocol import Protocol
+
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {steps}")
+    return Protocol(steps=(8 if model in TINY_MODELS else 40) if steps is None else steps, cfg=cfg, seed=seed,
+                    **_sizes(model, height, width, frames, run=run))
+
+
 @app.command()
 def calibrate(
     model: str = typer.Option(..., help=MODEL_HELP),
@@ -464,16 +476,11 @@ def run_cmd(
     """Calibrate, quantize, generate BF16 and quantized videos, evaluate and write report.html."""
     from .calib.calibrate import CalibSettings
     from .calib.prompts import default_prompts, load_prompts
-    from .eval.protocol import Protocol
     from .job import Job, run
     from .recipes import load_recipe
 
     try:
-        if steps is not None and steps < 1:
-            raise ValueError(f"--steps must be at least 1, got {steps}")
-        default_steps = 8 if model in TINY_MODELS else 40
-        protocol = Protocol(steps=default_steps if steps is None else steps, cfg=cfg, seed=seed,
-                            **_sizes(model, height, width, frames, run=True))
+        protocol = _protocol(model, steps, height, width, frames, cfg, seed, run=True)
         bundled = default_prompts()
         calib_all = load_prompts(calib_prompts) if calib_prompts else bundled
         _enough(calib_all, num_calib_prompts, "--num-calib-prompts", calib_prompts)
@@ -544,7 +551,6 @@ def _sweep(spec, grid: str, out: Path, model: str | None, base_recipe: str | Non
     """Resolve the sweep's inputs (everything checked before the model is loaded) and run it."""
     from .calib.calibrate import CalibSettings
     from .calib.prompts import default_prompts, load_prompts, prompt_categories
-    from .eval.protocol import Protocol
     from .recipes import load_recipe
     from .sweep import Sweep, held_out_prompts, resolve_cells, run_sweep
 
@@ -552,10 +558,7 @@ def _sweep(spec, grid: str, out: Path, model: str | None, base_recipe: str | Non
     recipe = base_recipe or spec.base_recipe
     if recipe is None:
         raise ValueError(f"--base-recipe: the grid '{grid}' names no base recipe; give one")
-    if steps is not None and steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {steps}")
-    protocol = Protocol(steps=(8 if model in TINY_MODELS else 40) if steps is None else steps, cfg=cfg, seed=seed,
-                        **_sizes(model, height, width, frames, run=True))
+    protocol = _protocol(model, steps, height, width, frames, cfg, seed, run=True)
     bundled = default_prompts()
     calib_all = load_prompts(calib_prompts) if calib_prompts else bundled
     _enough(calib_all, num_calib_prompts, "--num-calib-prompts", calib_prompts)
@@ -608,7 +611,6 @@ def route_cmd(
     report (per prompt the path and why; fallback and rejection rates, cost per accepted clip, per category).
     """
     from .calib.prompts import default_prompts, load_prompts, prompt_categories
-    from .eval.protocol import Protocol
     from .outputs import locked_output
     from .route.gate import PromptGate
     from .route.policy import load_policy
@@ -616,12 +618,9 @@ def route_cmd(
     from .route.switch import RoutedModel
 
     try:
-        if steps is not None and steps < 1:
-            raise ValueError(f"--steps must be at least 1, got {steps}")
+        protocol = _protocol(model, steps, height, width, frames, cfg, seed)
         if sum(x is not None for x in (threshold, gate_calibration)) + calibrate_gate > 1:
             raise ValueError("give one of --threshold, --gate-calibration and --calibrate-gate")
-        protocol = Protocol(steps=(8 if model in TINY_MODELS else 40) if steps is None else steps, cfg=cfg, seed=seed,
-                            **_sizes(model, height, width, frames))
         the_policy, base_dir = load_policy(policy)
         check_signal(the_policy)  # a VBench draft gate without VBench: refused before any model is loaded
         overrides = {}

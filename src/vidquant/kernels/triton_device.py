@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -358,25 +359,38 @@ _JIT = (
 )
 
 
-_BUILD_LOCK = threading.Lock()
-_built: list[Any] = []  # [triton] once the kernels are wrapped
+class JitOnce:
+    """``triton`` after wrapping a module's plain device functions with ``triton.jit`` in its namespace, once.
+
+    Why not at import: the interpreter flag (TRITON_INTERPRET) is read when ``triton.jit`` wraps a function, and
+    triton is optional. Binds ``tl`` in the namespace first; ``then(namespace, language)`` binds anything else.
+    """
+
+    def __init__(self, namespace: dict[str, Any], names: tuple[str, ...], what: str,
+                 then: Callable[[dict[str, Any], Any], None] | None = None) -> None:
+        self.namespace, self.names, self.what, self.then = namespace, names, what, then
+        self._lock = threading.Lock()
+        self._triton: Any = None
+
+    def __call__(self) -> Any:
+        with self._lock:
+            if self._triton is None:
+                triton, language = import_triton()
+                self.namespace["tl"] = language
+                for name in self.names:
+                    self.namespace[name] = triton.jit(self.namespace[name])
+                if self.then is not None:
+                    self.then(self.namespace, language)
+                log.debug("triton %s %s ready (interpreter: %s)", triton.__version__, self.what, interpreting())
+                self._triton = triton
+            return self._triton
 
 
-def _triton() -> Any:
-    """Import triton and wrap the device functions with ``triton.jit`` (once; reads TRITON_INTERPRET now)."""
-    with _BUILD_LOCK:
-        if _built:
-            return _built[0]
-        triton, language = import_triton()
-        namespace = globals()
-        namespace["tl"] = language
-        for name in _JIT:
-            namespace[name] = triton.jit(namespace[name])
-        fallback = namespace["_max_combine_fallback"]
-        namespace["_max_combine"] = getattr(language.standard, "_elementwise_max", fallback)
-        log.debug("triton %s kernels ready (interpreter: %s)", triton.__version__, interpreting())
-        _built.append(triton)
-        return triton
+def _bind_max_combine(namespace: dict[str, Any], language: Any) -> None:
+    namespace["_max_combine"] = getattr(language.standard, "_elementwise_max", namespace["_max_combine_fallback"])
+
+
+_triton = JitOnce(globals(), _JIT, "kernels", _bind_max_combine)
 
 
 def import_triton() -> tuple[Any, Any]:

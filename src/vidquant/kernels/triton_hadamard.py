@@ -14,19 +14,15 @@ otherwise `hadamard_transform` is `methods.rotation.rotate`. Triton is imported 
 
 from __future__ import annotations
 
-import logging
-import threading
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..methods.rotation import is_power_of_two, rotate, rotate_torch, scale_of
-from .triton_device import available, import_triton, interpreting, uses_kernel
+from .triton_device import JitOnce, available, uses_kernel
 
 __all__ = ["available", "hadamard_transform", "uses_kernel"]
-
-log = logging.getLogger(__name__)
 
 tl: Any = None  # triton.language, bound by `_triton()`
 MAX_TILE = 4096  # values per program (BR * B): 16 fp32 registers per thread at 8 warps
@@ -51,22 +47,7 @@ def _fwht_kernel(x_ptr, s_ptr, out_ptr, rows_total, nblk, scale, B: tl.constexpr
     tl.store(out_ptr + offs, x * scale, mask=live)
 
 
-_BUILD_LOCK = threading.Lock()
-_built: list[Any] = []
-
-
-def _triton() -> Any:
-    """Import triton and wrap the kernel with ``triton.jit`` (once; reads TRITON_INTERPRET now)."""
-    with _BUILD_LOCK:
-        if _built:
-            return _built[0]
-        triton, language = import_triton()
-        namespace = globals()
-        namespace["tl"] = language
-        namespace["_fwht_kernel"] = triton.jit(namespace["_fwht_kernel"])
-        log.debug("triton %s hadamard kernel ready (interpreter: %s)", triton.__version__, interpreting())
-        _built.append(triton)
-        return triton
+_triton = JitOnce(globals(), ("_fwht_kernel",), "hadamard kernel")
 
 
 def hadamard_transform(x: Tensor, signs: Tensor, block: int) -> Tensor:
